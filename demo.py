@@ -1,0 +1,81 @@
+"""The whole pipeline on the embedded toy data, as `make demo` runs it.
+
+    python demo.py [--protopnet] [--out saved_models/demo_results.json]
+
+1. data/make_toy.py           toy creatures -> data/toy/{train,test}
+2. finetune_backbone.py       base ResNet-18 -> saved_models/base/toy_resnet18.pth
+3. gradcam_extract.py         Grad-CAM targets -> data/grad_{train,test}_toy.npy
+4. main.py                    LVW: warm, joint, 2 pushes with last-layer passes
+5. eval_iou.py -thr 50        IoU of the word maps with Grad-CAM
+With --protopnet, steps 4-5 again in ProtoPNet mode (class_specific=True, attention_weight=0).
+
+There are no ImageNet weights here, so LVW's backbone starts from the fine-tuned base model
+(main.py -weights), the only trained ResNet at hand; on real data use ImageNet weights, as the
+reference does. Each step calls the script's main() with the arguments a user would type.
+"""
+import argparse
+import json
+import os
+import time
+
+import config
+import eval_iou
+import finetune_backbone
+import gradcam_extract
+import main as lvw_main
+from data import make_toy
+
+
+def run_lvw(name, base_model, extra_set, log):
+    s = config.resolve_settings('toy', ['experiment_run=%s' % name] + extra_set)
+    start = time.time()
+    summary = lvw_main.main(['-dataset', 'toy', '-set', 'experiment_run=%s' % name, *extra_set,
+                             '-train_atts', 'data/grad_train_toy.npy', '-test_atts', 'data/grad_test_toy.npy',
+                             '-weights', base_model, '-overwrite'])
+    train_time = time.time() - start
+    result = eval_iou.main(['-modeldir', config.run_dir(s), '-model', summary['final_checkpoint'],
+                            '-test_atts', 'data/grad_test_toy.npy', '-thr', '50'])
+    log('%s: test accuracy %.4f, IoU@50 %.4f (%s)' % (name, result['accuracy'], result['iou'], summary['final_checkpoint']))
+    return {'accuracy': result['accuracy'], 'iou_thr50': result['iou'], 'checkpoint': summary['final_checkpoint'],
+            'run_dir': config.run_dir(s), 'train_seconds': round(train_time, 1)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--protopnet', action='store_true', help='also train and evaluate ProtoPNet mode')
+    parser.add_argument('--out', default='saved_models/demo_results.json')
+    args = parser.parse_args(argv)
+    start = time.time()
+    s = config.resolve_settings('toy')
+    steps = {}
+
+    def log(message):
+        print('[demo %4.0fs] %s' % (time.time() - start, message), flush=True)
+
+    log('1/5 toy data')
+    try:
+        make_toy.generate(s['data_path'].rstrip('/'), size=s['img_size'])
+    except (ValueError, FileExistsError) as err:
+        raise config.UserError(str(err)) from None
+    log('2/5 fine-tune the base model')
+    base = finetune_backbone.main(['-dataset', 'toy'])
+    log('3/5 Grad-CAM of the base model')
+    gradcam_extract.main(['-dataset', 'toy'])
+    log('4/5 + 5/5 train LVW and measure IoU')
+    steps['lvw'] = run_lvw('toy_lvw', base['path'], [], log)
+    if args.protopnet:
+        steps['protopnet'] = run_lvw('toy_protopnet', base['path'], ['class_specific=True', 'attention_weight=0'], log)
+    results = {'base_accuracy': base['test_accuracy'], **steps, 'wall_seconds': round(time.time() - start, 1),
+               'versions': config.versions()}
+    config.save_json(results, args.out)
+    print()
+    print('toy demo results (%s)' % args.out)
+    print('  base model (ResNet-18) test accuracy  %.4f' % results['base_accuracy'])
+    for name, r in steps.items():
+        print('  %-9s test accuracy %.4f   IoU@thr50 %.4f' % (name, r['accuracy'], r['iou_thr50']))
+    print('  wall time %.0fs' % results['wall_seconds'])
+    return results
+
+
+if __name__ == '__main__':
+    config.run_cli(main)

@@ -1,0 +1,105 @@
+"""IoU between the model's word attention map and the base model's Grad-CAM (spec section 8).
+
+    python eval_iou.py -modeldir saved_models/resnet18/toy_lvw -model 8_3push0.9000.pth \
+        -test_atts data/grad_test_toy.npy -thr 50
+
+Per test image: the k = topk words with the largest similarity; their H x W maps resized to S x S
+(eval_map_interpolation, bicubic = cv2.INTER_CUBIC by default), pixelwise max, min-max normalised;
+both maps binarised at their own thr-th percentile (numpy's linear interpolation); then
+IoU = (|B_G & B_A| + 1e-6) / (|B_G | B_A| + 1e-6). Prints `test iou: <mean over images>`.
+
+-region low (default, the reference's convention that the published numbers used): mask = value <= q.
+-region top: mask = value > q, the region the map points at. At -thr 50 both give the same IoU
+unless a map has ties at its median (Grad-CAM maps often have many exact zeros).
+The model is rebuilt from the checkpoint, not from the current settings.py.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import config
+from checkpoint import load_checkpoint, model_from_checkpoint
+from image_data import ImageDataset, check_same_classes, make_loader, normalize
+from train_and_test import word_attention_map
+
+
+def percentile_masks(maps, thr, region='low', chunk=256):
+    """Binarise each map at its own thr-th percentile q (linear interpolation, as np.percentile).
+    maps: (B, H, W) -> bool (B, H, W); low: value <= q, top: value > q (its complement)."""
+    flat = maps.flatten(1).float()
+    # torch.quantile takes at most 2**24 elements at a time
+    q = torch.cat([torch.quantile(part, thr / 100.0, dim=1) for part in flat.split(chunk)])
+    low = flat <= q[:, None]
+    return (low if region == 'low' else ~low).view(maps.shape)
+
+
+def mask_iou(a, b, eps=1e-6):
+    """(|a & b| + eps) / (|a | b| + eps) per image; a, b: bool (B, H, W) -> (B,)."""
+    inter = (a & b).flatten(1).sum(1).double()
+    union = (a | b).flatten(1).sum(1).double()
+    return (inter + eps) / (union + eps)
+
+
+def map_iou(model_maps, gradcam_maps, thr, region='low'):
+    """IoU of the binarised maps, per image."""
+    return mask_iou(percentile_masks(model_maps, thr, region), percentile_masks(gradcam_maps, thr, region))
+
+
+def evaluate_iou(model, loader, device, s, thr, region='low'):
+    """Per-image IoUs (N,) and predictions (N,) over `loader` (image, Grad-CAM, label batches)."""
+    model.eval()
+    ious, predictions = [], []
+    with torch.no_grad():
+        for images, gradcam, _ in tqdm(loader, desc='iou', leave=False, disable=None):
+            out = model(normalize(images.to(device)))
+            word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
+                                          s['eval_map_interpolation'], s['eval_map_normalisation'])
+            ious.append(map_iou(word_map, gradcam.to(device), thr, region).cpu())
+            predictions.append(out.logits.argmax(1).cpu())
+    return torch.cat(ious), torch.cat(predictions)
+
+
+def write_csv(path, rows, header):
+    config.atomic_write(path, lambda f: f.write(','.join(header) + '\n' + ''.join(','.join(map(str, r)) + '\n' for r in rows)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-modeldir', required=True, help='run folder, saved_models/<arch>/<experiment_run>')
+    parser.add_argument('-model', required=True, help='checkpoint file name inside -modeldir')
+    parser.add_argument('-test_atts', required=True, help='Grad-CAM maps of the test images (.npy)')
+    parser.add_argument('-thr', type=float, default=50, help='percentile threshold, 0-100 (default 50)')
+    parser.add_argument('-region', default='low', choices=('low', 'top'))
+    parser.add_argument('-batch_size', type=int, default=None, help='default: the run\'s test_batch_size')
+    parser.add_argument('-set', nargs='+', default=[], metavar='NAME=VALUE',
+                        help='override the checkpoint\'s settings, e.g. test_dir=... eval_map_interpolation=bilinear')
+    config.add_device_args(parser)
+    args = parser.parse_args(argv)
+    if not 0 <= args.thr <= 100:
+        raise config.UserError('-thr must be a percentile between 0 and 100, got %g' % args.thr)
+    ckpt = load_checkpoint(os.path.join(args.modeldir, args.model))
+    overrides = config.parse_overrides(args.set, ckpt['settings'])
+    device = config.pick_device(args.device, args.gpuid)
+    model, s = model_from_checkpoint(ckpt, device, overrides)
+    dataset = ImageDataset(s['test_dir'], s['img_size'], attention=args.test_atts)
+    check_same_classes(ckpt['class_names'], dataset.classes, args.model, s['test_dir'])
+    loader = make_loader(dataset, args.batch_size or s['test_batch_size'], False, s['num_workers'], device)
+    ious, predictions = evaluate_iou(model, loader, device, s, args.thr, args.region)
+    labels = [label for _, label in dataset.samples]
+    accuracy = float((predictions == torch.tensor(labels)).float().mean())
+    stem = os.path.splitext(args.model)[0]
+    out = os.path.join(args.modeldir, '%s_iou_thr%g_%s.csv' % (stem, args.thr, args.region))
+    write_csv(out, [(p, l, int(pr), '%.6f' % v) for p, l, pr, v in zip(dataset.paths, labels, predictions, ious.tolist())],
+              ('path', 'label', 'predicted', 'iou'))
+    mean = float(ious.mean())
+    print('test accuracy: %.4f' % accuracy)
+    print('test iou: %.4f' % mean)
+    print('per-image IoUs: %s' % out)
+    return {'iou': mean, 'accuracy': accuracy, 'csv': out, 'ious': ious.numpy()}
+
+
+if __name__ == '__main__':
+    config.run_cli(main)

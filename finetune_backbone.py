@@ -1,0 +1,126 @@
+"""Fine-tune the base model: a torchvision ResNet (settings' base_architecture) with a new C-way head.
+
+    python finetune_backbone.py [-dataset toy] [-weights resnet34-b627a593.pth] [-out PATH]
+
+Starts from ImageNet weights when a local file is given with -weights, or is already in
+./pretrained_models or torchvision's cache; otherwise trains from scratch and says so.
+Recipe (the reference does not publish one): Resize(S, S), random horizontal flip, ImageNet
+normalisation; Adam, lr finetune_lr for the backbone and 10x for the new head, cosine decay over
+finetune_epochs, batch finetune_batch_size. The final model is kept (no selection on the test set).
+Output: saved_models/base/<dataset>_<arch>.pth, a checkpoint with the state_dict, arch, classes,
+img_size and test accuracy, which gradcam_extract.py reads.
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+import config
+from checkpoint import load_checkpoint, save_checkpoint
+from image_data import ImageDataset, check_same_classes, make_loader, normalize
+from model import RESNETS, find_imagenet_weights, imagenet_weight_candidates, load_backbone_weights
+
+
+def default_base_model_path(s):
+    return os.path.join('saved_models', 'base', '%s_%s.pth' % (s['dataset'], s['base_architecture']))
+
+
+def make_base_model(arch, num_classes):
+    if arch not in RESNETS:
+        raise config.UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(RESNETS)))
+    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+
+
+def load_base_model(path, device='cpu'):
+    """The fine-tuned classifier and its checkpoint dict (from finetune_backbone.py)."""
+    ckpt = load_checkpoint(path)
+    if 'arch' not in ckpt or 'class_names' not in ckpt:
+        raise config.UserError('%s is not a base model from finetune_backbone.py (no arch/class_names)' % path)
+    model = make_base_model(ckpt['arch'], len(ckpt['class_names']))
+    model.load_state_dict(ckpt['state_dict'])
+    return model.to(device).eval(), ckpt
+
+
+def evaluate(model, loader, device):
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for images, labels in tqdm(loader, desc='test', leave=False, disable=None):
+            logits = model(normalize(images.to(device)))
+            correct += (logits.argmax(1).cpu() == labels).sum().item()
+            seen += labels.numel()
+    return correct / max(seen, 1)
+
+
+def finetune(s, device, weights=None, log=print):
+    """Train the base model; returns (model, test accuracy, classes, weights file used or None)."""
+    torch.manual_seed(s['seed'])
+    train_set = ImageDataset(s['train_dir'], s['img_size'], flip='joint')
+    test_set = ImageDataset(s['test_dir'], s['img_size'])
+    check_same_classes(train_set.classes, test_set.classes, s['train_dir'], s['test_dir'])
+    model = make_base_model(s['base_architecture'], len(train_set.classes))
+    source = find_imagenet_weights(s['base_architecture'], weights) if (s['pretrained'] or weights) else None
+    if source:
+        load_backbone_weights(model, source)
+        log('base model: ImageNet weights from %s' % source)
+    else:
+        log('warning: no ImageNet weights for %s (give -weights PATH or put %s in %s); training from scratch'
+            % (s['base_architecture'], os.path.basename(imagenet_weight_candidates(s['base_architecture'])[0]),
+               os.path.dirname(imagenet_weight_candidates(s['base_architecture'])[-1])))
+    model.to(device)
+    head = list(model.fc.parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    optimizer = torch.optim.Adam([{'params': body, 'lr': s['finetune_lr']},
+                                  {'params': head, 'lr': 10 * s['finetune_lr']}])
+    epochs = s['finetune_epochs']
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    train_loader = make_loader(train_set, s['finetune_batch_size'], True, s['num_workers'], device)
+    test_loader = make_loader(test_set, s['test_batch_size'], False, s['num_workers'], device)
+    accuracy = 0.0
+    for epoch in range(epochs):
+        model.train()
+        start, total_loss, correct, seen = time.time(), 0.0, 0, 0
+        for images, labels in tqdm(train_loader, desc='finetune epoch %d' % epoch, leave=False, disable=None):
+            images, labels = normalize(images.to(device)), labels.to(device)
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += labels.numel()
+        scheduler.step()
+        accuracy = evaluate(model, test_loader, device)
+        log('finetune epoch %d | time %.1fs | loss %.4f | train acc %.2f%% | test acc %.2f%%'
+            % (epoch, time.time() - start, total_loss / max(seen, 1), 100 * correct / max(seen, 1), 100 * accuracy))
+    if epochs == 0:
+        accuracy = evaluate(model, test_loader, device)
+    return model, accuracy, train_set.classes, source
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-weights', default=None, help='ImageNet state_dict (torchvision format) to start from')
+    parser.add_argument('-out', default=None, help='output file (default saved_models/base/<dataset>_<arch>.pth)')
+    config.add_settings_args(parser)
+    config.add_device_args(parser)
+    args = parser.parse_args(argv)
+    s = config.resolve_settings(args.dataset, args.set)
+    device = config.pick_device(args.device, args.gpuid)
+    out = args.out or default_base_model_path(s)
+    model, accuracy, classes, source = finetune(s, device, args.weights)
+    save_checkpoint(model, out, s, classes, arch=s['base_architecture'], img_size=s['img_size'],
+                    test_accuracy=accuracy, imagenet_weights=source)
+    print('base model test accuracy: %.4f' % accuracy)
+    print('saved %s' % out)
+    return {'test_accuracy': accuracy, 'path': out}
+
+
+if __name__ == '__main__':
+    config.run_cli(main)

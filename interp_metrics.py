@@ -1,0 +1,853 @@
+"""Metrics that compare explanation maps with ground-truth masks.
+
+Pure functions, no global state, nothing happens at import time. Every
+function takes torch tensors and works on CPU or CUDA, batched over images.
+
+Conventions used throughout
+---------------------------
+* ``maps``: ``(N, H, W)`` floating tensor, a non-negative saliency map per
+  image (any scale; only the order / relative mass matters). Maps must be
+  finite.
+* ``masks``: ``(N, H, W)`` bool tensor (other dtypes are converted with
+  ``!= 0``), same ``H, W`` as the maps.
+* Per-image functions return a float tensor of shape ``(N,)``. Images a
+  metric skips get ``NaN``; :func:`image_mean` (and the pointing-game
+  summary) aggregates while ignoring the NaNs.
+* Pixel coordinates are ``(y, x)`` = (row, column), row-major flat index
+  ``y * W + x``.
+* Anything random takes a ``seed`` or a ``torch.Generator`` (CPU).
+
+Contents
+--------
+Pointing game (TorchRay semantics)
+    :func:`pointing_tolerance`, :func:`map_argmax_points`,
+    :func:`points_hit_mask`, :func:`dilate_mask`, :func:`pointing_game_hits`,
+    :func:`pointing_game_summary`
+Stochastic pointing game
+    :func:`sample_map_points`, :func:`stochastic_pointing_game`
+Content heatmap
+    :func:`content_heatmap`
+Insertion / deletion (RISE style)
+    :func:`gaussian_blur`, :func:`perturbation_curves`, :func:`curve_auc`,
+    :func:`insertion_auc`, :func:`deletion_auc`
+Stability between two models' maps
+    :func:`stability_iou`
+Per-word part purity (synthetic data)
+    :func:`word_argmax_locations`, :func:`top_locations_from_maxima`,
+    :func:`top_locations`, :func:`part_purity`
+Classes per word
+    :func:`classes_per_word`
+Aggregation / reporting
+    :func:`image_mean`, :func:`results_to_markdown`
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "pointing_tolerance",
+    "map_argmax_points",
+    "points_hit_mask",
+    "dilate_mask",
+    "pointing_game_hits",
+    "pointing_game_summary",
+    "sample_map_points",
+    "stochastic_pointing_game",
+    "content_heatmap",
+    "gaussian_blur",
+    "perturbation_curves",
+    "curve_auc",
+    "insertion_auc",
+    "deletion_auc",
+    "stability_iou",
+    "word_argmax_locations",
+    "top_locations_from_maxima",
+    "top_locations",
+    "part_purity",
+    "classes_per_word",
+    "image_mean",
+    "results_to_markdown",
+]
+
+
+# ---------------------------------------------------------------------------
+# small internal helpers
+# ---------------------------------------------------------------------------
+
+def _check_maps_masks(maps: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    if masks.shape != maps.shape:
+        raise ValueError(
+            f"masks shape {tuple(masks.shape)} differs from maps shape {tuple(maps.shape)}")
+    if masks.dtype != torch.bool:
+        masks = masks != 0
+    masks = masks.to(maps.device)
+    return maps, masks
+
+
+def _first_argmax_flat(values: torch.Tensor) -> torch.Tensor:
+    """Flat index of the maximum along the last dim; ties -> smallest index.
+
+    ``values``: ``(..., L)``. Implemented without relying on the tie rule of
+    ``torch.argmax`` so that it is the same on every device.
+    """
+    L = values.shape[-1]
+    vmax = values.max(dim=-1, keepdim=True).values
+    idx = torch.arange(L, device=values.device).expand_as(values)
+    big = torch.full_like(idx, L)
+    return torch.where(values == vmax, idx, big).min(dim=-1).values
+
+
+def _disk_offsets(tau: float, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer offsets ``(dy, dx)`` with ``dy**2 + dx**2 < tau**2`` (strict)."""
+    tau = float(tau)
+    if tau <= 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    r = int(math.ceil(tau))
+    rng = torch.arange(-r, r + 1, dtype=torch.long, device=device)
+    dy, dx = torch.meshgrid(rng, rng, indexing="ij")
+    keep = (dy * dy + dx * dx).double() < tau * tau
+    return dy[keep], dx[keep]
+
+
+def _make_generator(seed: Optional[int], generator: Optional[torch.Generator]) -> torch.Generator:
+    if generator is not None:
+        return generator
+    g = torch.Generator(device="cpu")
+    g.manual_seed(0 if seed is None else int(seed))
+    return g
+
+
+# ---------------------------------------------------------------------------
+# aggregation
+# ---------------------------------------------------------------------------
+
+def image_mean(values: torch.Tensor) -> Tuple[float, int]:
+    """Image-averaged value ignoring skipped (NaN) images.
+
+    ``mean = sum_{i valid} v_i / n_valid`` over the entries of ``values``
+    (any shape, usually ``(N,)``) that are not NaN.
+
+    Returns ``(mean, n_valid)``; ``mean`` is NaN when no entry is valid.
+    """
+    v = values.detach().reshape(-1).double()
+    valid = ~torch.isnan(v)
+    n = int(valid.sum().item())
+    if n == 0:
+        return float("nan"), 0
+    return float(v[valid].sum().item() / n), n
+
+
+# ---------------------------------------------------------------------------
+# 1. pointing game
+# ---------------------------------------------------------------------------
+
+def pointing_tolerance(image_size: int, base: float = 15.0, base_size: int = 224) -> float:
+    """Pointing-game tolerance scaled with the image side length.
+
+    ``tau = base * image_size / base_size`` (TorchRay uses 15 px at 224 px,
+    so e.g. 64 px -> 4.2857 px). ``image_size`` is the side length S of a
+    square image (for non-square images pass the side you want to scale by).
+    """
+    return float(base) * float(image_size) / float(base_size)
+
+
+def map_argmax_points(maps: torch.Tensor) -> torch.Tensor:
+    """The pointing-game point of each map: the location of its maximum.
+
+    Ties are broken by taking the *first* maximum in row-major order
+    (smallest ``y * W + x``), on every device.
+
+    Args:
+        maps: ``(N, H, W)`` float.
+    Returns:
+        ``(N, 2)`` long tensor of ``(y, x)``.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    N, H, W = maps.shape
+    flat = _first_argmax_flat(maps.reshape(N, H * W))
+    return torch.stack([flat // W, flat % W], dim=1)
+
+
+def points_hit_mask(masks: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, tau: float,
+                    max_elements: int = 1 << 22) -> torch.Tensor:
+    """Whether each point lies within ``tau`` of its image's mask (TorchRay rule).
+
+    A point ``(y, x)`` of image ``i`` is a hit iff some pixel ``(v, u)`` with
+    ``masks[i, v, u]`` satisfies ``(v - y)**2 + (u - x)**2 < tau**2``
+    (strict ``<``, as in TorchRay's ``PointingGame.evaluate``). No loop over
+    pixels: the mask is gathered at the precomputed integer offsets of the
+    open disk of radius ``tau`` around each point (out-of-image offsets do
+    not count). ``tau <= 0`` never hits.
+
+    Args:
+        masks: ``(N, H, W)`` bool.
+        ys, xs: ``(N, M)`` long, M points per image (``(N,)`` is taken as M=1).
+        tau: tolerance in pixels.
+        max_elements: bound on ``images * M * disk size`` processed at once.
+    Returns:
+        ``(N, M)`` bool (``(N,)`` if the points were given as ``(N,)``).
+    """
+    if masks.dtype != torch.bool:
+        masks = masks != 0
+    squeeze = ys.dim() == 1
+    if squeeze:
+        ys, xs = ys[:, None], xs[:, None]
+    N, H, W = masks.shape
+    M = ys.shape[1]
+    device = masks.device
+    ys = ys.to(device=device, dtype=torch.long)
+    xs = xs.to(device=device, dtype=torch.long)
+    dy, dx = _disk_offsets(tau, device)
+    D = dy.numel()
+    out = torch.zeros(N, M, dtype=torch.bool, device=device)
+    if D == 0 or N == 0 or M == 0:
+        return out[:, 0] if squeeze else out
+    flat_masks = masks.reshape(N, H * W)
+    chunk = max(1, max_elements // max(1, M * D))
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        yy = ys[s:e, :, None] + dy  # (n, M, D)
+        xx = xs[s:e, :, None] + dx
+        inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        idx = yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
+        vals = flat_masks[s:e].gather(1, idx.reshape(e - s, -1)).reshape(e - s, M, D)
+        out[s:e] = (vals & inside).any(dim=-1)
+    return out[:, 0] if squeeze else out
+
+
+def dilate_mask(masks: torch.Tensor, tau: float) -> torch.Tensor:
+    """Pixels within ``tau`` of the mask: the set of points that would be hits.
+
+    ``out[i, y, x] = exists (v, u) in mask_i with (v-y)**2 + (u-x)**2 < tau**2``
+    (same strict rule as :func:`points_hit_mask`), computed as a convolution
+    with the open-disk structuring element. Handy for pictures.
+
+    Args:
+        masks: ``(N, H, W)`` bool.
+        tau: tolerance in pixels.
+    Returns:
+        ``(N, H, W)`` bool.
+    """
+    if masks.dtype != torch.bool:
+        masks = masks != 0
+    device = masks.device
+    dy, dx = _disk_offsets(tau, device)
+    if dy.numel() == 0:
+        return torch.zeros_like(masks)
+    r = int(dy.abs().max().item()) if dy.numel() else 0
+    k = torch.zeros(2 * r + 1, 2 * r + 1, dtype=torch.float32, device=device)
+    k[dy + r, dx + r] = 1.0  # the disk is symmetric, so correlation == convolution
+    x = masks[:, None].float()
+    y = F.conv2d(x, k[None, None], padding=r)
+    return y[:, 0] > 0.5
+
+
+def pointing_game_hits(maps: torch.Tensor, masks: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-image pointing-game outcome (TorchRay semantics).
+
+    The point is the argmax of the map (ties: first in row-major order, see
+    :func:`map_argmax_points`). The image is a hit iff some mask pixel lies at
+    squared Euclidean distance strictly ``< tau**2`` from the point.
+
+    Args:
+        maps: ``(N, H, W)`` float saliency.
+        masks: ``(N, H, W)`` bool ground truth.
+        tau: tolerance in pixels, e.g. ``pointing_tolerance(H)``.
+    Returns:
+        ``(N,)`` float: 1.0 hit, 0.0 miss, NaN for images whose mask is empty
+        (skipped, like TorchRay which returns -1 for them). Aggregate with
+        :func:`pointing_game_summary` (class-averaged) or :func:`image_mean`.
+    """
+    maps, masks = _check_maps_masks(maps, masks)
+    pts = map_argmax_points(maps)
+    out_dtype = maps.dtype if maps.is_floating_point() else torch.float32
+    hit = points_hit_mask(masks, pts[:, 0], pts[:, 1], tau).to(out_dtype)
+    empty = ~masks.flatten(1).any(dim=1)
+    return torch.where(empty, torch.full_like(hit, float("nan")), hit)
+
+
+def pointing_game_summary(hits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Dict[str, object]:
+    """Aggregate per-image pointing-game outcomes, TorchRay style.
+
+    Per class ``c``: ``acc_c = hits_c / max(1, hits_c + misses_c)`` where the
+    counts run over the non-skipped (non-NaN) images with label ``c``.
+    All values are fractions in [0, 1] (not percentages).
+
+    Returned dict:
+        * ``"class_mean_all"``: ``mean_{c=0..num_classes-1} acc_c``; classes
+          without (valid) samples count as 0. This is TorchRay's number
+          (``PointingGameBenchmark``) and the headline PG.
+        * ``"class_mean_present"``: mean of ``acc_c`` over the classes with at
+          least one valid (non-skipped) image (NaN if there are none).
+        * ``"image_mean"``: plain hit rate ``sum hits / n_valid`` over images.
+        * ``"per_class"``: ``(num_classes,)`` float64 tensor of ``acc_c``.
+        * ``"hits_per_class"``, ``"misses_per_class"``: ``(num_classes,)`` long.
+        * ``"n_valid"``, ``"n_skipped"``: image counts.
+
+    Args:
+        hits: ``(N,)`` from :func:`pointing_game_hits` (1 / 0 / NaN).
+        labels: ``(N,)`` integer class labels in ``[0, num_classes)``.
+        num_classes: number of classes C.
+    """
+    hits = hits.detach().reshape(-1).double().cpu()
+    labels = labels.detach().reshape(-1).long().cpu()
+    if hits.numel() != labels.numel():
+        raise ValueError("hits and labels must have the same length")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError("labels must lie in [0, num_classes)")
+    valid = ~torch.isnan(hits)
+    is_hit = valid & (hits > 0.5)
+    is_miss = valid & ~(hits > 0.5)
+    h = torch.bincount(labels[is_hit], minlength=num_classes)
+    m = torch.bincount(labels[is_miss], minlength=num_classes)
+    acc = h.double() / (h + m).clamp(min=1).double()
+    present = (h + m) > 0
+    n_valid = int(valid.sum().item())
+    return {
+        "class_mean_all": float(acc.mean().item()) if num_classes > 0 else float("nan"),
+        "class_mean_present": float(acc[present].mean().item()) if bool(present.any()) else float("nan"),
+        "image_mean": float(is_hit.sum().item() / n_valid) if n_valid else float("nan"),
+        "per_class": acc,
+        "hits_per_class": h,
+        "misses_per_class": m,
+        "n_valid": n_valid,
+        "n_skipped": int(hits.numel() - n_valid),
+    }
+
+
+# ---------------------------------------------------------------------------
+# 2. stochastic pointing game
+# ---------------------------------------------------------------------------
+
+def sample_map_points(maps: torch.Tensor, num_samples: int, seed: Optional[int] = 0,
+                      generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Draw pixels i.i.d. (with replacement) from each sum-normalised map.
+
+    ``P_i(y, x) = max(map_i(y, x), 0) / sum max(map_i, 0)``. Sampling is by
+    inverse CDF: ``U`` of shape ``(N, num_samples)`` is drawn in float64 on
+    the CPU from ``generator`` (or a fresh one seeded with ``seed``), then
+    moved to the maps' device, so results do not depend on the device; row
+    ``i`` of ``U`` serves image ``i`` (a row is drawn even for maps that sum
+    to 0; their samples are meaningless, ``(0, 0)``). Pixels with zero mass
+    are never drawn.
+
+    Returns:
+        ``(ys, xs)``, each ``(N, num_samples)`` long.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    N, H, W = maps.shape
+    g = _make_generator(seed, generator)
+    u = torch.rand(N, num_samples, generator=g, dtype=torch.float64).to(maps.device)
+    p = maps.detach().reshape(N, H * W).double().clamp(min=0)
+    cdf = torch.cumsum(p, dim=1)
+    total = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u * total, right=True)
+    # guard against u * total rounding up to total: clip to the last pixel with mass
+    pos = p > 0
+    last_pos = (H * W - 1) - _first_argmax_flat(pos.flip(1).to(torch.int8))
+    idx = torch.minimum(idx, last_pos[:, None])
+    idx = torch.where(total > 0, idx, torch.zeros_like(idx))
+    return idx // W, idx % W
+
+
+def stochastic_pointing_game(maps: torch.Tensor, masks: torch.Tensor, tau: float,
+                             num_samples: int = 100, seed: Optional[int] = 0,
+                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Per-image stochastic pointing game score, a percentage.
+
+    The map (negatives clipped to 0) is normalised to sum 1 and treated as a
+    distribution over the H*W pixels; ``num_samples`` pixels are drawn with
+    replacement (:func:`sample_map_points`, seeded). Each sample is a hit by
+    the pointing-game rule (a mask pixel at squared distance ``< tau**2``).
+
+    ``score_i = 100 * (#hits_i) / num_samples``; SPG = mean over images
+    (:func:`image_mean`).
+
+    Args:
+        maps: ``(N, H, W)`` float.
+        masks: ``(N, H, W)`` bool.
+        tau: tolerance in pixels.
+        num_samples: draws per image (100 by default).
+        seed: seed of a fresh CPU generator (ignored if ``generator`` given).
+        generator: a CPU ``torch.Generator`` to draw from.
+    Returns:
+        ``(N,)`` float in [0, 100]; NaN for skipped images (map sum <= 0 after
+        clipping, or empty mask).
+    """
+    maps, masks = _check_maps_masks(maps, masks)
+    ys, xs = sample_map_points(maps, num_samples, seed=seed, generator=generator)
+    hit = points_hit_mask(masks, ys, xs, tau)
+    score = 100.0 * hit.double().sum(dim=1) / float(num_samples)
+    skip = (maps.detach().flatten(1).double().clamp(min=0).sum(dim=1) <= 0) | ~masks.flatten(1).any(dim=1)
+    score = torch.where(skip, torch.full_like(score, float("nan")), score)
+    return score.to(maps.dtype) if maps.is_floating_point() else score.float()
+
+
+# ---------------------------------------------------------------------------
+# 3. content heatmap
+# ---------------------------------------------------------------------------
+
+def content_heatmap(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Share of the map's mass inside the mask, in percent.
+
+    ``score_i = 100 * sum_{mask_i} m_i / sum m_i`` with ``m_i = max(map_i, 0)``;
+    the reported metric is the image mean (:func:`image_mean`).
+
+    Returns:
+        ``(N,)`` float in [0, 100]; NaN for images whose map sums to <= 0
+        (skipped). An empty mask is *not* skipped and scores 0.
+    """
+    maps, masks = _check_maps_masks(maps, masks)
+    m = maps.detach().double().clamp(min=0).flatten(1)
+    total = m.sum(dim=1)
+    inside = (m * masks.flatten(1).double()).sum(dim=1)
+    score = 100.0 * inside / total.clamp(min=torch.finfo(torch.float64).tiny)
+    score = torch.where(total > 0, score, torch.full_like(score, float("nan")))
+    return score.to(maps.dtype) if maps.is_floating_point() else score.float()
+
+
+# ---------------------------------------------------------------------------
+# 4. insertion / deletion
+# ---------------------------------------------------------------------------
+
+def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Per-channel Gaussian blur, as RISE does for the insertion baseline.
+
+    Kernel ``k(a, b) proportional to exp(-(a**2 + b**2) / (2 sigma**2))`` for
+    ``a, b in [-(ks//2), ks//2]``, normalised to sum 1, applied to each
+    channel separately with *zero* padding (as RISE's ``conv2d(...,
+    padding=klen//2)``; on normalised images zero is the mean colour). RISE
+    derives its kernel from ``scipy.ndimage.gaussian_filter`` of a delta,
+    which differs slightly from this sampled Gaussian.
+
+    Args:
+        images: ``(N, C, H, W)`` float.
+    Returns:
+        ``(N, C, H, W)`` blurred images.
+    """
+    if kernel_size % 2 != 1:
+        raise ValueError("kernel_size must be odd")
+    C = images.shape[1]
+    r = kernel_size // 2
+    a = torch.arange(-r, r + 1, dtype=torch.float64, device=images.device)
+    g1 = torch.exp(-(a * a) / (2.0 * float(sigma) ** 2))
+    k = g1[:, None] * g1[None, :]
+    k = (k / k.sum()).to(images.dtype)
+    weight = k[None, None].expand(C, 1, kernel_size, kernel_size).contiguous()
+    return F.conv2d(images, weight, padding=r, groups=C)
+
+
+def _pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
+    """Rank of every pixel in descending map order, stable (ties: lower index first)."""
+    N, H, W = maps.shape
+    flat = maps.reshape(N, H * W)
+    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ar = torch.arange(H * W, device=maps.device).expand(N, -1)
+    ranks.scatter_(1, order, ar)
+    return ranks
+
+
+@torch.no_grad()
+def _predict_batched(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                     batch_size: int) -> torch.Tensor:
+    outs = [predict_proba(images[s:s + batch_size]) for s in range(0, images.shape[0], batch_size)]
+    return torch.cat(outs, dim=0)
+
+
+@torch.no_grad()
+def perturbation_curves(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        maps: torch.Tensor, mode: str = "insertion", step: Optional[int] = None,
+                        batch_size: int = 128, baseline: Optional[torch.Tensor] = None,
+                        targets: Optional[torch.Tensor] = None, blur_kernel_size: int = 11,
+                        blur_sigma: float = 5.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RISE-style insertion or deletion curves, batched over images and steps.
+
+    Pixel order: descending map value, ties broken by ascending flat index
+    (stable sort). With ``L = H * W`` and ``n = ceil(L / step) + 1``, step
+    ``k = 0 .. n-1`` has the first ``c_k = min(k * step, L)`` pixels of that
+    order changed (so ``c_0 = 0`` and ``c_{n-1} = L``):
+
+    * insertion: start from ``baseline`` (default
+      ``gaussian_blur(images, 11, 5)`` on the normalised image) and copy the
+      original pixels (all channels) in;
+    * deletion: start from the image and set the pixels to 0 in normalised
+      space (i.e. the dataset mean colour).
+
+    ``curve[i, k] = predict_proba(x_{i,k})[target_i]`` where ``target_i`` is
+    the class the model predicts on the clean image (argmax of
+    ``predict_proba(images)``) unless ``targets`` is given.
+
+    The ``N * n`` perturbed images are built on the fly and fed
+    ``batch_size`` at a time (mixing images and steps), under
+    ``torch.no_grad``.
+
+    Args:
+        predict_proba: maps ``(B, 3, H, W)`` -> ``(B, K)`` probabilities
+            (softmax). Called in eval mode as given; set ``model.eval()``.
+        images: ``(N, C, H, W)`` normalised images.
+        maps: ``(N, H, W)`` saliency at image resolution.
+        mode: ``"insertion"`` or ``"deletion"``.
+        step: pixels per step; default ``W`` (one image row, as in the
+            SCOUTER reproduction's RISE evaluation).
+        batch_size: images per forward pass.
+        baseline: ``(N, C, H, W)`` insertion start (overrides the blur).
+        targets: ``(N,)`` classes to score instead of the clean prediction.
+    Returns:
+        ``(curves, targets)``: ``(N, n)`` float curves and ``(N,)`` long targets.
+    """
+    if mode not in ("insertion", "deletion"):
+        raise ValueError("mode must be 'insertion' or 'deletion'")
+    if images.dim() != 4 or maps.dim() != 3 or images.shape[0] != maps.shape[0] \
+            or images.shape[2:] != maps.shape[1:]:
+        raise ValueError("images must be (N, C, H, W) and maps (N, H, W) with matching N, H, W")
+    N, C, H, W = images.shape
+    L = H * W
+    step = W if step is None else int(step)
+    if step <= 0:
+        raise ValueError("step must be positive")
+    n = int(math.ceil(L / step)) + 1
+    device = images.device
+    maps = maps.to(device)
+
+    if targets is None:
+        clean = _predict_batched(predict_proba, images, batch_size)
+        targets = clean.argmax(dim=1)
+    targets = targets.to(device=device, dtype=torch.long)
+
+    if mode == "insertion":
+        start = gaussian_blur(images, blur_kernel_size, blur_sigma) if baseline is None else baseline.to(device)
+        end = images
+    else:
+        start = images
+        end = torch.zeros_like(images)
+
+    ranks = _pixel_ranks(maps).reshape(N, 1, H, W)
+    counts = torch.clamp(torch.arange(n, device=device) * step, max=L)  # (n,)
+    curves = torch.empty(N, n, dtype=torch.float32, device=device)
+    total = N * n
+    for s in range(0, total, batch_size):
+        e = min(total, s + batch_size)
+        j = torch.arange(s, e, device=device)
+        ii, kk = j // n, j % n
+        changed = (ranks[ii] < counts[kk].view(-1, 1, 1, 1)).to(images.dtype)  # (B,1,H,W)
+        x = start[ii] + changed * (end[ii] - start[ii])
+        prob = predict_proba(x)
+        curves[ii, kk] = prob.gather(1, targets[ii][:, None])[:, 0].float()
+    return curves, targets
+
+
+def curve_auc(curves: torch.Tensor) -> torch.Tensor:
+    """Normalised trapezoid area under curves sampled at equally spaced points.
+
+    For a curve ``s_0 .. s_{n-1}`` (x-axis = fraction of pixels, 0..1):
+    ``AUC = (sum_k s_k - s_0 / 2 - s_{n-1} / 2) / (n - 1)``.
+    Linear in the curve, so the mean of per-image AUCs equals the AUC of the
+    mean curve.
+
+    Args:
+        curves: ``(..., n)`` with ``n >= 2``.
+    Returns:
+        ``(...)`` AUCs.
+    """
+    n = curves.shape[-1]
+    if n < 2:
+        raise ValueError("a curve needs at least 2 points")
+    return (curves.sum(dim=-1) - curves[..., 0] / 2 - curves[..., -1] / 2) / (n - 1)
+
+
+def insertion_auc(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                  maps: torch.Tensor, step: Optional[int] = None, batch_size: int = 128,
+                  return_curves: bool = False, baseline: Optional[torch.Tensor] = None,
+                  targets: Optional[torch.Tensor] = None, blur_kernel_size: int = 11,
+                  blur_sigma: float = 5.0):
+    """Per-image insertion AUC (higher is better).
+
+    ``auc_i = curve_auc(curve_i)`` with the insertion curve of
+    :func:`perturbation_curves` (blurred start, original pixels inserted in
+    descending map order, ``step`` = W pixels per step by default). The
+    reported metric is the image mean.
+
+    Returns:
+        ``(N,)`` AUCs, or ``(aucs, curves (N, n), targets (N,))`` if
+        ``return_curves``.
+    """
+    curves, tg = perturbation_curves(predict_proba, images, maps, "insertion", step, batch_size,
+                                     baseline, targets, blur_kernel_size, blur_sigma)
+    aucs = curve_auc(curves)
+    return (aucs, curves, tg) if return_curves else aucs
+
+
+def deletion_auc(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                 maps: torch.Tensor, step: Optional[int] = None, batch_size: int = 128,
+                 return_curves: bool = False, targets: Optional[torch.Tensor] = None):
+    """Per-image deletion AUC (lower is better).
+
+    ``auc_i = curve_auc(curve_i)`` with the deletion curve of
+    :func:`perturbation_curves` (pixels set to 0 in normalised space in
+    descending map order, ``step`` = W pixels per step by default). The
+    reported metric is the image mean.
+
+    Returns:
+        ``(N,)`` AUCs, or ``(aucs, curves (N, n), targets (N,))`` if
+        ``return_curves``.
+    """
+    curves, tg = perturbation_curves(predict_proba, images, maps, "deletion", step, batch_size,
+                                     None, targets)
+    aucs = curve_auc(curves)
+    return (aucs, curves, tg) if return_curves else aucs
+
+
+# ---------------------------------------------------------------------------
+# 5. stability IoU
+# ---------------------------------------------------------------------------
+
+def stability_iou(maps_a: torch.Tensor, maps_b: torch.Tensor, threshold: float = 100.0 / 255.0,
+                  eps: float = 1e-6) -> torch.Tensor:
+    """Per-image IoU of the binarised maps of two models (LFI-CAM style).
+
+    Each map is min-max scaled per image, ``s = (m - min m) / (max m - min m)``
+    (a constant map becomes all zeros, no NaN), binarised as
+    ``B = s > threshold`` (strict; default 100/255), and
+    ``IoU = (|A & B| + eps) / (|A | B| + eps)`` over the whole 2-D image.
+    Two empty binary maps therefore give IoU 1. The reported metric is the
+    image mean.
+
+    Note: the original LFI-CAM code computed the IoU per image *row* (over the
+    width and three identical channels) and averaged those rows; that quirk
+    is deliberately not reproduced, this is the intended 2-D IoU.
+
+    Args:
+        maps_a, maps_b: ``(N, H, W)`` float maps of the same images.
+    Returns:
+        ``(N,)`` float64 IoUs in (0, 1].
+    """
+    if maps_a.shape != maps_b.shape or maps_a.dim() != 3:
+        raise ValueError("maps_a and maps_b must both be (N, H, W)")
+    maps_b = maps_b.to(maps_a.device)
+
+    def binarise(m: torch.Tensor) -> torch.Tensor:
+        f = m.detach().flatten(1).double()
+        lo = f.min(dim=1, keepdim=True).values
+        hi = f.max(dim=1, keepdim=True).values
+        rng = hi - lo
+        s = torch.where(rng > 0, (f - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)),
+                        torch.zeros_like(f))
+        return s > threshold
+
+    a, b = binarise(maps_a), binarise(maps_b)
+    inter = (a & b).sum(dim=1).double()
+    union = (a | b).sum(dim=1).double()
+    return (inter + eps) / (union + eps)
+
+
+# ---------------------------------------------------------------------------
+# 6. per-word part purity
+# ---------------------------------------------------------------------------
+
+def word_argmax_locations(sim_maps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image and word, the maximum of the word's map and where it is.
+
+    Ties: first maximum in row-major order. Use this batch by batch (and
+    concatenate along N) when all maps at image resolution do not fit.
+
+    Args:
+        sim_maps: ``(N, P, H, W)`` word similarity maps at image resolution.
+    Returns:
+        ``(values, ys, xs)``, each ``(N, P)`` (values float, coordinates long).
+    """
+    if sim_maps.dim() != 4:
+        raise ValueError("sim_maps must be (N, P, H, W)")
+    N, P, H, W = sim_maps.shape
+    flat = sim_maps.detach().reshape(N, P, H * W)
+    idx = _first_argmax_flat(flat)
+    values = flat.gather(2, idx[..., None])[..., 0]
+    return values, idx // W, idx % W
+
+
+def top_locations_from_maxima(values: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+                              n: int) -> torch.Tensor:
+    """Each word's ``n`` highest-activating locations, one per image.
+
+    Given the per-image maxima of every word (``values[i, p]`` at
+    ``(ys[i, p], xs[i, p])``), word ``p`` gets the ``n`` images with the
+    largest ``values[:, p]`` (ties: lower image index first), in descending
+    order of value. ``n`` is capped at N.
+
+    Args:
+        values, ys, xs: ``(N, P)``.
+        n: locations per word.
+    Returns:
+        ``(P, min(n, N), 3)`` long tensor of ``(image index, y, x)``.
+    """
+    N, P = values.shape
+    n = min(int(n), N)
+    order = torch.argsort(values.t(), dim=1, descending=True, stable=True)[:, :n]  # (P, n)
+    pidx = torch.arange(P, device=values.device)[:, None].expand(P, n)
+    yy = ys.t().to(values.device)[pidx, order]
+    xx = xs.t().to(values.device)[pidx, order]
+    return torch.stack([order, yy.long(), xx.long()], dim=-1).long()
+
+
+def top_locations(sim_maps: torch.Tensor, n: int) -> torch.Tensor:
+    """Each word's ``n`` top-activating ``(image, y, x)``, at most one per image.
+
+    For every word: take the argmax pixel of its map in each image
+    (:func:`word_argmax_locations`, first in row-major order on ties), then
+    keep the ``n`` images where that maximum is highest
+    (:func:`top_locations_from_maxima`).
+
+    Args:
+        sim_maps: ``(N, P, H, W)`` similarity maps upsampled to image size.
+        n: locations per word (capped at N).
+    Returns:
+        ``(P, min(n, N), 3)`` long tensor of ``(image index, y, x)``.
+    """
+    v, ys, xs = word_argmax_locations(sim_maps)
+    return top_locations_from_maxima(v, ys, xs, n)
+
+
+def part_purity(locations: Union[torch.Tensor, Sequence[Sequence[Sequence[int]]]],
+                part_masks: torch.Tensor, part_names: Sequence[str]) -> Dict[str, object]:
+    """How pure each word's top locations are with respect to object parts.
+
+    Each location ``(i, y, x)`` is assigned to the first part ``k`` (in the
+    order of ``part_masks`` / ``part_names``) with ``part_masks[i, k, y, x]``;
+    a location in no part goes to ``"background"``, a category of its own.
+    For word ``p`` with counts ``c_{p,j}`` over the K+1 categories:
+    ``purity_p = max_j c_{p,j} / sum_j c_{p,j}`` and the dominant category is
+    the argmax (ties: the earlier category, parts before background).
+
+    Args:
+        locations: ``(P, n, 3)`` long tensor of ``(image, y, x)``, or a list
+            (per word) of lists of ``(image, y, x)`` (ragged allowed).
+        part_masks: ``(N, K, H, W)`` bool.
+        part_names: K names.
+    Returns:
+        dict with
+        * ``"categories"``: ``list(part_names) + ["background"]``;
+        * ``"counts"``: ``(P, K+1)`` long tensor;
+        * ``"purity"``: ``(P,)`` float64 (NaN for a word without locations);
+        * ``"dominant"``: list of P names (None for a word without locations);
+        * ``"mean_purity"``: mean over words with locations.
+    """
+    if part_masks.dim() != 4:
+        raise ValueError("part_masks must be (N, K, H, W)")
+    if part_masks.dtype != torch.bool:
+        part_masks = part_masks != 0
+    N, K, H, W = part_masks.shape
+    if len(part_names) != K:
+        raise ValueError("need one name per part mask")
+    categories = list(part_names) + ["background"]
+    pm = part_masks.cpu()
+    if isinstance(locations, torch.Tensor):
+        per_word = [locations[p].reshape(-1, 3).long().cpu() for p in range(locations.shape[0])]
+    else:
+        per_word = [torch.as_tensor(list(w), dtype=torch.long).reshape(-1, 3) for w in locations]
+    P = len(per_word)
+    counts = torch.zeros(P, K + 1, dtype=torch.long)
+    for p, loc in enumerate(per_word):
+        if loc.numel() == 0:
+            continue
+        i, y, x = loc[:, 0], loc[:, 1], loc[:, 2]
+        inside = pm[i, :, y, x]  # (n, K)
+        has = inside.any(dim=1)
+        first = torch.where(has, _first_argmax_flat(inside.to(torch.int8)), torch.full_like(i, K))
+        counts[p] = torch.bincount(first, minlength=K + 1)
+    tot = counts.sum(dim=1)
+    best = _first_argmax_flat(counts)
+    purity = torch.where(tot > 0, counts.max(dim=1).values.double() / tot.clamp(min=1).double(),
+                         torch.full((P,), float("nan"), dtype=torch.float64))
+    dominant = [categories[int(best[p])] if int(tot[p]) > 0 else None for p in range(P)]
+    mean_purity, _ = image_mean(purity)
+    return {"categories": categories, "counts": counts, "purity": purity,
+            "dominant": dominant, "mean_purity": mean_purity}
+
+
+# ---------------------------------------------------------------------------
+# 7. classes per word
+# ---------------------------------------------------------------------------
+
+def classes_per_word(weight: torch.Tensor, rel: float = 0.5) -> Tuple[torch.Tensor, float]:
+    """Number of classes that use each word, from the last-layer weights.
+
+    ``count_p = #{c : W[c, p] > 0 and W[c, p] >= rel * max_c W[c, p]}``;
+    a word whose largest weight is <= 0 serves 0 classes. With ProtoPNet's
+    initialisation (+1 own class, -0.5 elsewhere) every word serves 1 class.
+
+    Args:
+        weight: ``(C, P)`` last-layer weight (classes x words).
+        rel: relative threshold (0.5 by default).
+    Returns:
+        ``(counts, mean)``: ``(P,)`` long tensor and its mean over words.
+    """
+    w = weight.detach().double()
+    wmax = w.max(dim=0, keepdim=True).values
+    use = (w > 0) & (w >= rel * wmax)
+    counts = use.sum(dim=0).long()
+    mean = float(counts.double().mean().item()) if counts.numel() else float("nan")
+    return counts, mean
+
+
+# ---------------------------------------------------------------------------
+# 8. reporting
+# ---------------------------------------------------------------------------
+
+def _fmt_value(v) -> str:
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def _cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def results_to_markdown(results: Dict[str, object]) -> str:
+    """Render metric results as a Markdown table.
+
+    ``results`` maps a metric name to either a plain number, or a dict with
+    keys ``"value"`` (required), ``"averaging"`` (str, e.g. "image mean" or
+    "class mean (TorchRay)"), ``"params"`` (dict, rendered ``k=v`` joined by
+    ", ") and optionally ``"n"`` (number of images / words averaged). Rows
+    keep the dict's order; floats print with 4 decimals, NaN as ``nan``.
+
+    Returns:
+        The table as a string (header, separator, one row per metric,
+        trailing newline).
+    """
+    lines = ["| Metric | Value | Averaging | N | Parameters |",
+             "|---|---|---|---|---|"]
+    for name, entry in results.items():
+        if isinstance(entry, dict):
+            value = entry.get("value")
+            avg = entry.get("averaging", "")
+            n = entry.get("n", "")
+            params = entry.get("params", {}) or {}
+        else:
+            value, avg, n, params = entry, "", "", {}
+        if isinstance(params, dict):
+            ptxt = ", ".join(f"{k}={_fmt_value(v)}" for k, v in params.items())
+        else:
+            ptxt = str(params)
+        lines.append("| " + " | ".join(_cell(c) for c in (
+            name, _fmt_value(value), avg, _fmt_value(n) if n != "" else "", ptxt)) + " |")
+    return "\n".join(lines) + "\n"

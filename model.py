@@ -1,0 +1,215 @@
+"""The LVW network: backbone -> add-on layers -> visual words -> last layer (spec section 2).
+
+Shapes: B images, P words, D word channels, C classes, H x W backbone grid (7 x 7 at 224 px).
+
+    z = add_on(features(x))                      (B, D, H, W), in (0, 1) after the Sigmoid
+    d[b, p, h, w] = ReLU(|z|^2 - 2 z.p + |p|^2)  squared L2 distance to each 1x1 word
+    d_min = min over (h, w) of d                 (B, P)
+    s = g(d_min)                                 (B, P), g(d) = log((d + 1) / (d + eps))
+    logits = W s                                 (B, C), W: (C, P), no bias
+    similarity maps M = g(d)                     (B, P, H, W)
+"""
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from config import UserError
+
+RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+# File names of the ImageNet weights in the reference code's cache (./pretrained_models), which
+# predate torchvision's current IMAGENET1K_V1 files; both are looked for.
+LEGACY_WEIGHT_FILES = {'resnet18': 'resnet18-5c106cde.pth', 'resnet34': 'resnet34-333f7ec4.pth',
+                       'resnet50': 'resnet50-19c8e357.pth', 'resnet101': 'resnet101-5d3b4d8f.pth',
+                       'resnet152': 'resnet152-b121ed2d.pth'}
+
+
+# ---- math -------------------------------------------------------------------------------------
+
+def squared_distances(z, prototypes):
+    """d[b,p,h,w] = ReLU(|z[b,:,h,w]|^2 - 2 z[b,:,h,w].p[p] + |p[p]|^2).
+
+    z: (B, D, H, W); prototypes: (P, D) or (P, D, 1, 1). Returns (B, P, H, W). The ReLU removes
+    the small negatives that rounding gives the expanded form.
+    """
+    p = prototypes.reshape(prototypes.shape[0], -1)
+    z_sq = (z * z).sum(dim=1, keepdim=True)
+    zp = torch.einsum('bdhw,pd->bphw', z, p)
+    p_sq = (p * p).sum(dim=1).view(1, -1, 1, 1)
+    return F.relu(z_sq - 2 * zp + p_sq)
+
+
+def log_similarity(d, epsilon=1e-4):
+    """g(d) = log((d + 1) / (d + eps)): 0 <= g, decreasing in d, g(0) = log(1/eps) (9.21 at 1e-4)."""
+    return torch.log((d + 1) / (d + epsilon))
+
+
+def linear_similarity(d, max_dist):
+    """g(d) = max_dist - d, with max_dist = D (the largest squared distance between points of [0,1]^D)."""
+    return max_dist - d
+
+
+# ---- backbone ---------------------------------------------------------------------------------
+
+class ResNetFeatures(nn.Module):
+    """A torchvision ResNet without avgpool and fc; parameter names match torchvision's, so an
+    ImageNet state_dict (fc entries aside) loads as is."""
+
+    def __init__(self, arch):
+        super().__init__()
+        if arch not in RESNETS:
+            raise UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(RESNETS)))
+        net = getattr(torchvision.models, arch)(weights=None)
+        for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
+            setattr(self, name, getattr(net, name))
+        last_block = self.layer4[-1]
+        self.out_channels = (last_block.conv3 if hasattr(last_block, 'conv3') else last_block.conv2).out_channels
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def imagenet_weight_candidates(arch):
+    """Where ImageNet weights of `arch` may already be on disk, in the order they are tried."""
+    names = []
+    try:
+        url = torchvision.models.get_model_weights(arch)['IMAGENET1K_V1'].url
+        names.append(os.path.basename(url))
+    except (KeyError, ValueError):
+        pass
+    if arch in LEGACY_WEIGHT_FILES:
+        names.append(LEGACY_WEIGHT_FILES[arch])
+    hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    return [os.path.join(folder, n) for folder in ('./pretrained_models', hub) for n in names]
+
+
+def find_imagenet_weights(arch, path=None):
+    """The weights file to start from: `path` if given (it must exist), else the first local
+    candidate that exists, else None (the caller trains from scratch and says so)."""
+    if path:
+        if not os.path.isfile(path):
+            raise UserError('weights file not found: %s' % path)
+        return path
+    for candidate in imagenet_weight_candidates(arch):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_backbone_weights(module, path, skip_prefixes=('fc.',)):
+    """Load a torchvision state_dict into `module` (which may lack the fc head).
+
+    Every key of the file (except `skip_prefixes`) must exist in the module with the same shape,
+    and every module parameter must be in the file; otherwise the first bad key is named.
+    """
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # a corrupt or non-tensor file: one line for the user
+        raise UserError('cannot read weights file %s: %s' % (path, str(err).splitlines()[0])) from None
+    if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
+        state = state['state_dict']
+    if not isinstance(state, dict):
+        raise UserError('%s does not hold a state_dict' % path)
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(skip_prefixes))}
+    for key, value in state.items():
+        if key not in own:
+            raise UserError('%s does not fit this architecture: unexpected key %r' % (path, key))
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise UserError('%s does not fit this architecture: key %r has shape %s, expected %s'
+                            % (path, key, tuple(value.shape), tuple(own[key].shape)))
+    for key in own:
+        if key not in state and not key.startswith(tuple(skip_prefixes)):
+            raise UserError('%s does not fit this architecture: missing key %r' % (path, key))
+    module.load_state_dict(state, strict=False)
+
+
+# ---- LVW network ------------------------------------------------------------------------------
+
+def make_add_on_layers(kind, in_channels, out_channels):
+    """'regular': 1x1 conv -> ReLU -> 1x1 conv -> Sigmoid.
+    'bottleneck': halve the channels pair-wise down to out_channels, Sigmoid at the end."""
+    if kind == 'regular':
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(),
+                             nn.Conv2d(out_channels, out_channels, 1), nn.Sigmoid())
+    layers, current = [], in_channels
+    while current > out_channels or not layers:
+        nxt = max(out_channels, current // 2)
+        layers += [nn.Conv2d(current, nxt, 1), nn.ReLU(), nn.Conv2d(nxt, nxt, 1)]
+        layers.append(nn.Sigmoid() if nxt == out_channels else nn.ReLU())
+        current = nxt
+    return nn.Sequential(*layers)
+
+
+class LVWOutput(NamedTuple):
+    logits: torch.Tensor           # (B, C)
+    min_distances: torch.Tensor    # (B, P)
+    similarities: torch.Tensor     # (B, P)
+    similarity_maps: torch.Tensor  # (B, P, H, W)
+
+
+class LVWNet(nn.Module):
+    def __init__(self, features, prototype_shape, num_classes, activation='log', add_on_type='regular',
+                 incorrect_class_connection=-0.5, epsilon=1e-4):
+        super().__init__()
+        num_words, depth = prototype_shape[0], prototype_shape[1]
+        self.num_classes = num_classes
+        self.activation = activation
+        self.epsilon = epsilon
+        self.max_dist = float(depth * prototype_shape[2] * prototype_shape[3])
+        self.features = features
+        self.add_on_layers = make_add_on_layers(add_on_type, features.out_channels, depth)
+        self.prototype_vectors = nn.Parameter(torch.rand(prototype_shape))
+        self.last_layer = nn.Linear(num_words, num_classes, bias=False)
+        # word j belongs to class j // (P / C) (5 per class by default); it seeds the last layer
+        # and, in ProtoPNet mode, the class-specific costs and push.
+        identity = torch.zeros(num_words, num_classes)
+        word_class = (torch.arange(num_words) // (num_words // num_classes)).clamp(max=num_classes - 1)
+        identity[torch.arange(num_words), word_class] = 1
+        self.register_buffer('prototype_class_identity', identity, persistent=False)
+        self._initialize_weights(incorrect_class_connection)
+
+    def _initialize_weights(self, incorrect_class_connection):
+        for m in self.add_on_layers.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                nn.init.zeros_(m.bias)
+        positive = self.prototype_class_identity.t()
+        self.last_layer.weight.data.copy_(positive + incorrect_class_connection * (1 - positive))
+
+    def similarity(self, d):
+        if self.activation == 'log':
+            return log_similarity(d, self.epsilon)
+        return linear_similarity(d, self.max_dist)
+
+    def conv_features(self, x):
+        return self.add_on_layers(self.features(x))
+
+    def forward(self, x):
+        z = self.conv_features(x)
+        d = squared_distances(z, self.prototype_vectors)
+        min_distances = d.amin(dim=(2, 3))
+        similarities = self.similarity(min_distances)
+        return LVWOutput(self.last_layer(similarities), min_distances, similarities, self.similarity(d))
+
+
+def build_model(s, weights=None, log=print):
+    """The LVW network of resolved settings `s`; ImageNet weights for the backbone when
+    s['pretrained'] and a file is found (`weights`, ./pretrained_models, or torchvision's cache)."""
+    features = ResNetFeatures(s['base_architecture'])
+    if s['pretrained'] or weights:
+        path = find_imagenet_weights(s['base_architecture'], weights)
+        if path:
+            load_backbone_weights(features, path)
+            log('backbone: ImageNet weights from %s' % path)
+        else:
+            log('warning: no ImageNet weights for %s on disk (give -weights PATH or put %s in %s); '
+                'the backbone starts from random weights' % (s['base_architecture'],
+                                                             os.path.basename(imagenet_weight_candidates(s['base_architecture'])[0]),
+                                                             os.path.join(torch.hub.get_dir(), 'checkpoints')))
+    return LVWNet(features, s['prototype_shape'], s['num_classes'], s['prototype_activation_function'],
+                  s['add_on_layers_type'], s['incorrect_class_connection'], s['epsilon'])

@@ -1,0 +1,202 @@
+"""Losses (spec section 3), the word attention map, and one training or test pass.
+
+LVW (class_specific False) and ProtoPNet (class_specific True) share this code:
+
+    L = crs_ent * CE + clst * Cluster + [sep * Separation] + l1 * L1 + attention_weight * Attn
+
+with, for min distances d_min (B, P), labels y, class identity I (P, C) and last layer W (C, P):
+    LVW       Cluster = mean_i min_p d_min[i, p]                     L1 = sum |W|
+    ProtoPNet Cluster = mean_i (D - max_{p of class y_i} (D - d_min[i, p]))
+              Separation = mean_i (D - max_{p not of class y_i} (D - d_min[i, p]))
+              L1 = sum |W * (1 - I^T)|                               (D = max_dist)
+    Attn = mean over pixels of (A_i - G_i)^2, A_i the normalised top-k word map, G_i the Grad-CAM map.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from image_data import normalize
+
+METRIC_NAMES = ('cross_entropy', 'cluster', 'separation', 'attention', 'accuracy', 'l1', 'p_dist_pair')
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+def cluster_cost(min_distances, labels, class_identity, class_specific, max_dist):
+    """Class-agnostic: mean_i min_p d_min[i, p] (only the closest word of each image is pulled).
+    Class-specific (ProtoPNet): mean_i (max_dist - max over own-class words of (max_dist - d_min)).
+    min_distances: (B, P); labels: (B,); class_identity: (P, C)."""
+    if not class_specific:
+        return min_distances.min(dim=1).values.mean()
+    own = class_identity[:, labels].t()  # (B, P), 1 where word p belongs to class y_i
+    return (max_dist - ((max_dist - min_distances) * own).max(dim=1).values).mean()
+
+
+def separation_cost(min_distances, labels, class_identity, max_dist):
+    """ProtoPNet: mean_i (max_dist - max over other-class words of (max_dist - d_min)), i.e. the
+    distance to the closest word of another class. (B, P), (B,), (P, C) -> scalar."""
+    other = 1 - class_identity[:, labels].t()
+    return (max_dist - ((max_dist - min_distances) * other).max(dim=1).values).mean()
+
+
+def l1_penalty(weight, class_identity, class_specific):
+    """sum |W| over all entries (LVW), or over the connections to other classes' words only
+    (ProtoPNet: mask 1 - I^T). weight: (C, P); class_identity: (P, C)."""
+    if class_specific:
+        return (weight * (1 - class_identity.t())).abs().sum()
+    return weight.abs().sum()
+
+
+def word_attention_map(similarity_maps, min_distances, k, size, interpolation='bilinear', normalisation='max'):
+    """The model's attention map: the per-pixel max over the k most activated words' maps.
+
+    similarity_maps: (B, P, H, W); min_distances: (B, P) (the k smallest pick the words; the pick
+    carries no gradient). Each picked map is resized to (size, size) (bilinear: align_corners=True,
+    as the reference training; bicubic: align_corners=False, equal to cv2.INTER_CUBIC, as the
+    reference evaluation), then A = max over the k maps, normalised per image by
+    'max': A / (max A + 1e-5)  or  'minmax': (A - min A) / (max A - min A), 0 where A is constant.
+    Returns (B, size, size).
+    """
+    idx = torch.topk(min_distances, k, dim=1, largest=False).indices
+    picked = similarity_maps.gather(1, idx[:, :, None, None].expand(-1, -1, *similarity_maps.shape[2:]))
+    align = True if interpolation == 'bilinear' else False
+    up = F.interpolate(picked, size=(size, size), mode=interpolation, align_corners=align)
+    att = up.amax(dim=1)
+    flat = att.flatten(1)
+    if normalisation == 'max':
+        flat = flat / (flat.amax(dim=1, keepdim=True) + 1e-5)
+    else:
+        lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+        flat = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    return flat.view_as(att)
+
+
+def attention_loss(word_map, gradcam):
+    """MSE with mean reduction over all B * S * S pixels; both (B, S, S)."""
+    return F.mse_loss(word_map, gradcam)
+
+
+def mean_pairwise_word_distance(prototypes):
+    """Mean over all P x P pairs (diagonal included, as the reference logs it) of |p_i - p_j|^2."""
+    p = prototypes.reshape(prototypes.shape[0], -1)
+    return torch.cdist(p, p).pow(2).mean()
+
+
+# ---- phases -------------------------------------------------------------------------------------
+
+def _set_trainable(model, features, add_on, prototypes, last_layer):
+    for p in model.features.parameters():
+        p.requires_grad_(features)
+    for p in model.add_on_layers.parameters():
+        p.requires_grad_(add_on)
+    model.prototype_vectors.requires_grad_(prototypes)
+    model.last_layer.weight.requires_grad_(last_layer)
+
+
+def warm_only(model):
+    """Backbone frozen. The last layer keeps requires_grad (as the reference) but no optimiser holds it."""
+    _set_trainable(model, False, True, True, True)
+
+
+def joint(model):
+    _set_trainable(model, True, True, True, True)
+
+
+def last_only(model):
+    _set_trainable(model, False, False, False, True)
+
+
+def make_optimizers(model, s):
+    """Warm, joint (with its StepLR) and last-layer Adam optimisers, as the reference builds them."""
+    lrs, wd = s['joint_optimizer_lrs'], s['weight_decay']
+    joint_opt = torch.optim.Adam([
+        {'params': model.features.parameters(), 'lr': lrs['features'], 'weight_decay': wd},
+        {'params': model.add_on_layers.parameters(), 'lr': lrs['add_on_layers'], 'weight_decay': wd},
+        {'params': [model.prototype_vectors], 'lr': lrs['prototype_vectors']},
+    ])
+    scheduler = torch.optim.lr_scheduler.StepLR(joint_opt, step_size=s['joint_lr_step_size'], gamma=0.1)
+    warm = s['warm_optimizer_lrs']
+    warm_opt = torch.optim.Adam([
+        {'params': model.add_on_layers.parameters(), 'lr': warm['add_on_layers'], 'weight_decay': wd},
+        {'params': [model.prototype_vectors], 'lr': warm['prototype_vectors']},
+    ])
+    last_opt = torch.optim.Adam([{'params': model.last_layer.parameters(), 'lr': s['last_layer_optimizer_lr']}])
+    return warm_opt, joint_opt, scheduler, last_opt
+
+
+# ---- one pass -----------------------------------------------------------------------------------
+
+def batch_losses(out, labels, gradcam, net, s, use_attention):
+    """All loss terms of one batch as scalar tensors, plus 'total'. `net` is the unwrapped model."""
+    identity = net.prototype_class_identity
+    terms = {
+        'cross_entropy': F.cross_entropy(out.logits, labels),
+        'cluster': cluster_cost(out.min_distances, labels, identity, s['class_specific'], net.max_dist),
+        'l1': l1_penalty(net.last_layer.weight, identity, s['class_specific']),
+    }
+    coefs = s['coefs']
+    total = coefs['crs_ent'] * terms['cross_entropy'] + coefs['clst'] * terms['cluster'] + coefs['l1'] * terms['l1']
+    if s['class_specific']:
+        terms['separation'] = separation_cost(out.min_distances, labels, identity, net.max_dist)
+        total = total + coefs['sep'] * terms['separation']
+    if gradcam is not None:
+        word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
+                                      s['train_map_interpolation'], s['train_map_normalisation'])
+        terms['attention'] = attention_loss(word_map, gradcam)
+        if use_attention and s['attention_weight']:
+            total = total + s['attention_weight'] * terms['attention']
+    terms['total'] = total
+    return terms
+
+
+def train_or_test(model, loader, device, s, optimizer=None, use_attention=False, desc=''):
+    """One pass over `loader`; trains when `optimizer` is given (model.train(), as the reference,
+    also in the frozen phases), else tests under no_grad in eval mode.
+
+    Returns the per-batch means of the loss terms, accuracy (fraction), time, |W|_1 and the mean
+    pairwise word distance.
+    """
+    net = model.module if hasattr(model, 'module') else model
+    training = optimizer is not None
+    model.train(training)
+    sums, n_batches, correct, seen = {}, 0, 0, 0
+    start = time.time()
+    with torch.set_grad_enabled(training):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+            images, gradcam, labels = batch if len(batch) == 3 else (batch[0], None, batch[1])
+            images = normalize(images.to(device, non_blocking=True))
+            labels = labels.to(device, non_blocking=True)
+            if gradcam is not None:
+                gradcam = gradcam.to(device, non_blocking=True)
+            out = model(images)
+            terms = batch_losses(out, labels, gradcam, net, s, use_attention)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                terms['total'].backward()
+                optimizer.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            n_batches += 1
+            correct += (out.logits.argmax(dim=1) == labels).sum().item()
+            seen += labels.numel()
+    metrics = {name: total / max(n_batches, 1) for name, total in sums.items()}
+    metrics['accuracy'] = correct / max(seen, 1)
+    metrics['time'] = time.time() - start
+    with torch.no_grad():
+        metrics['l1'] = net.last_layer.weight.abs().sum().item()
+        metrics['p_dist_pair'] = mean_pairwise_word_distance(net.prototype_vectors).item()
+    return metrics
+
+
+def format_metrics(m):
+    """One log line: time, CE, cluster, separation, attention, accuracy, |W|_1, p dist pair."""
+    parts = ['time %.1fs' % m['time'], 'ce %.4f' % m.get('cross_entropy', float('nan')),
+             'cluster %.4f' % m.get('cluster', float('nan'))]
+    if 'separation' in m:
+        parts.append('separation %.4f' % m['separation'])
+    if 'attention' in m:
+        parts.append('attn %.4f' % m['attention'])
+    parts += ['acc %.2f%%' % (100 * m['accuracy']), 'l1 %.2f' % m['l1'], 'p dist pair %.4f' % m['p_dist_pair']]
+    return ' | '.join(parts)
