@@ -1,7 +1,38 @@
 import os
 import sys
 
+import pytest
+
 # Tests import the top-level scripts (model.py, push.py, ...) as modules.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+TINY_SIZE = 64
+
+
+@pytest.fixture(scope='session')
+def tiny_toy(tmp_path_factory):
+    """Toy data at 64 px: 3 classes, 6 train and 3 test images per class (made once per session)."""
+    from data import make_toy
+    root = tmp_path_factory.mktemp('toy') / 'toy'
+    make_toy.generate(str(root), size=TINY_SIZE, train_per_class=6, test_per_class=3, num_classes=3,
+                      workers=1, progress=False)
+    return str(root)
+
+
+def tiny_overrides(data_path, **extra):
+    """-set items for a tiny, fast run on `tiny_toy`."""
+    values = {'data_path': data_path + '/', 'img_size': TINY_SIZE, 'num_classes': 3,
+              'prototype_shape': (15, 128, 1, 1), 'topk': 5, 'train_batch_size': 8,
+              'test_batch_size': 16, 'train_push_batch_size': 7, 'finetune_epochs': 1,
+              'num_train_epochs': 3, 'num_warm_epochs': 1, 'push_start': 1, 'push_epochs': [1, 2],
+              'last_layer_iterations': 1, 'keep_checkpoints': None, 'experiment_run': 'tiny'}
+    values.update(extra)
+    return ['%s=%r' % (k, v) for k, v in values.items()]
+
+
+@pytest.fixture
+def tiny_settings(tiny_toy):
+    import config
+    return config.resolve_settings('toy', tiny_overrides(tiny_toy))

@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh clone:
+#   make demo   creates .venv, then runs the whole pipeline on the embedded toy data
+#   make test   creates .venv, then runs the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo demo-full test clean-demo
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) demo.py
+
+# LVW and ProtoPNet mode, the figures of the README's results table
+demo-full: $(VENV)/.installed
+	$(PY) demo.py --protopnet
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf data/toy data/grad_train_toy.* data/grad_test_toy.* saved_models/base saved_models/resnet18 saved_models/demo_results.json
