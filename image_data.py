@@ -82,10 +82,12 @@ def check_pairing(npy_path, rows, listed, expected):
             if a != b:
                 raise UserError('%s does not match the images: row %d is %s in its sidecar but %s in the folder'
                                 % (npy_path, i, a, b))
-    if rows != len(expected):
-        first_missing = expected[rows] if rows < len(expected) else listed[len(expected)] if listed else 'row %d' % len(expected)
+    if rows < len(expected):
         raise UserError('%s has %d maps for %d images (first unmatched: %s)'
-                        % (npy_path, rows, len(expected), first_missing))
+                        % (npy_path, rows, len(expected), expected[rows]))
+    if rows > len(expected):
+        extra = listed[len(expected)] if listed else 'row %d' % len(expected)
+        raise UserError('%s has %d maps for %d images (first unmatched: %s)' % (npy_path, rows, len(expected), extra))
 
 
 def open_attention_maps(npy_path, expected_paths, img_size, log=print):
@@ -118,8 +120,8 @@ def open_attention_maps(npy_path, expected_paths, img_size, log=print):
 class ImageDataset(torch.utils.data.Dataset):
     """An ImageFolder split as (image, label), or (image, attention map, label) when `attention`
     is given. flip: 'none', 'joint' (image and map flipped together with p = 0.5), or 'double'
-    (the reference: the image alone with p = 0.5, then both with p = 0.5, so half of the flipped
-    samples have a mirrored target)."""
+    (the reference: the image alone with p = 0.5, then both with p = 0.5, so half of the
+    samples have a mirrored target). Without a map, 'joint' and 'double' are one p = 0.5 flip."""
 
     def __init__(self, root, img_size, attention=None, flip='none', log=print):
         folder = image_folder(root)

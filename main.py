@@ -20,6 +20,7 @@ import torch
 import config
 import push
 import train_and_test as tnt
+import visualize
 from checkpoint import CheckpointKeeper, checkpoint_name
 from image_data import ImageDataset, check_same_classes, make_loader
 from model import build_model
@@ -134,6 +135,7 @@ def train(s, train_atts, test_atts, device, gpuids=(), weights=None, log=print, 
                     record(epoch, 'last', 'train', metrics, i)
                     accuracy = test(epoch, 'last', i)
                     final = (save('last', epoch, accuracy, i), accuracy)
+            visualize.write_push_pictures(img_dir, net.last_layer.weight, classes, epoch, log=log)
 
     summary = {'final_accuracy': final[1] if final else None,
                'final_checkpoint': os.path.basename(final[0]) if final and final[0] else None,
@@ -141,6 +143,7 @@ def train(s, train_atts, test_atts, device, gpuids=(), weights=None, log=print, 
                'best_accuracy': keep.best[1] if keep.best else None,
                'train_seconds': round(time.time() - start, 1)}
     config.save_json(summary, os.path.join(folder, 'run_summary.json'))
+    visualize.write_run_report(folder, log=log)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
     return summary

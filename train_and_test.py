@@ -176,13 +176,14 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
                 optimizer.zero_grad(set_to_none=True)
                 terms['total'].backward()
                 optimizer.step()
+            # summed on the device: one synchronisation per pass, not per batch
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
+                sums[name] = sums.get(name, 0.0) + value.detach()
+            correct = correct + (out.logits.argmax(dim=1) == labels).sum()
             n_batches += 1
-            correct += (out.logits.argmax(dim=1) == labels).sum().item()
             seen += labels.numel()
-    metrics = {name: total / max(n_batches, 1) for name, total in sums.items()}
-    metrics['accuracy'] = correct / max(seen, 1)
+    metrics = {name: total.item() / max(n_batches, 1) for name, total in sums.items()}
+    metrics['accuracy'] = float(correct) / max(seen, 1)
     metrics['time'] = time.time() - start
     with torch.no_grad():
         metrics['l1'] = net.last_layer.weight.abs().sum().item()

@@ -1,0 +1,186 @@
+"""eval_metrics.py: every number in metrics.json equals a direct interp_metrics call on maps built
+here; errors for missing masks, mismatched classes and missing files."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import eval_metrics as em
+import interp_metrics as im
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from finetune_backbone import load_base_model, make_base_model
+from gradcam_extract import gradcam
+from image_data import ImageDataset, normalize
+from tests.conftest import tiny_overrides
+from tests.test_visualize import build_run
+from train_and_test import word_attention_map
+
+S = 64
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory, tiny_toy):
+    root = tmp_path_factory.mktemp('metrics')
+    run = build_run(root, tiny_toy)
+    test = ImageDataset(os.path.join(tiny_toy, 'test'), S)
+    torch.manual_seed(3)
+    base = make_base_model('resnet18', 3).eval()
+    base_path = str(root / 'base.pth')
+    save_checkpoint(base, base_path, run.s, test.classes, arch='resnet18', img_size=S)
+    atts = str(root / 'grad_test.npy')
+    rng = np.random.default_rng(0)
+    np.save(atts, rng.random((len(test), S, S), dtype=np.float32))
+    with open(atts[:-4] + '.txt', 'w') as f:
+        f.write(''.join(p + '\n' for p in test.paths))
+    return {'run': run, 'test': test, 'base': base_path, 'atts': atts, 'root': root, 'toy': tiny_toy,
+            'lvw': os.path.join(run.run, '1_0push0.6000.pth'), 'other': os.path.join(run.run, '1nopush0.5000.pth')}
+
+
+def settings_args(toy, **extra):
+    return ['-dataset', 'toy', '-set', *tiny_overrides(toy, **extra)]
+
+
+def word_maps(ckpt_path, images):
+    model, s = model_from_checkpoint(load_checkpoint(ckpt_path))
+    with torch.no_grad():
+        out = model(normalize(images))
+    maps = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], S,
+                              s['eval_map_interpolation'], s['eval_map_normalisation'])
+    return maps, out, model, s
+
+
+def test_metrics_equal_direct_interp_metrics_calls(setup, tmp_path):
+    out_dir = str(tmp_path / 'm')
+    res = em.main(['-lvw', setup['lvw'], '-protopnet', setup['other'], '-base', setup['base'],
+                   '-test_atts', setup['atts'], '-out', out_dir, '-auc_images', '3', '-step', '1024',
+                   '-batch_size', '4', '-purity_n', '3', '-device', 'cpu', *settings_args(setup['toy'])])
+    saved = json.load(open(os.path.join(out_dir, 'metrics.json')))
+    md = open(os.path.join(out_dir, 'metrics.md')).read()
+    assert '| metric | lvw | protopnet | gradcam | better |' in md
+    assert saved['n_images'] == 9 and saved['auc_images'] == 3 and set(saved['sources']) == {'lvw', 'protopnet', 'gradcam'}
+
+    test = setup['test']
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    labels = torch.tensor([label for _, label in test.samples])
+    gt = em.load_masks([p for p, _ in test.samples], S)
+    obj, parts = gt['object'], gt['parts']
+    assert gt['part_names'] == ['head', 'body', 'tail', 'marking'] and parts.shape == (9, 4, S, S)
+    tau = im.pointing_tolerance(S)
+    gradcam_maps = torch.from_numpy(np.load(setup['atts']))
+    lvw_maps, lvw_out, lvw_model, s = word_maps(setup['lvw'], images)
+    other_maps = word_maps(setup['other'], images)[0]
+    all_maps = {'lvw': lvw_maps, 'protopnet': other_maps, 'gradcam': gradcam_maps}
+
+    for name, maps in all_maps.items():
+        m = saved['sources'][name]['metrics']
+        summary = im.pointing_game_summary(im.pointing_game_hits(maps, obj, tau), labels, 3)
+        assert m['pointing_game']['value'] == pytest.approx(summary['class_mean_all'], abs=1e-9)
+        assert m['pointing_game']['image_mean'] == pytest.approx(summary['image_mean'], abs=1e-9)
+        assert m['pointing_game']['params']['tau_px'] == pytest.approx(tau, abs=1e-4)
+        spg = torch.tensor([float(im.stochastic_pointing_game(maps[i:i + 1], obj[i:i + 1], tau, 100, seed=i)[0])
+                            for i in range(9)])
+        assert m['stochastic_pointing_game']['value'] == pytest.approx(im.image_mean(spg)[0], abs=1e-4)
+        assert m['content_heatmap']['value'] == pytest.approx(im.image_mean(im.content_heatmap(maps, obj))[0], abs=1e-4)
+        head = im.pointing_game_hits(maps, parts[:, 0], tau)
+        assert m['pointing_game_head']['value'] == pytest.approx(im.image_mean(head)[0], abs=1e-9)
+        assert m['content_heatmap_tail']['value'] == pytest.approx(
+            im.image_mean(im.content_heatmap(maps, parts[:, 2]))[0], abs=1e-4)
+        for key in ('pointing_game', 'stochastic_pointing_game', 'content_heatmap', 'insertion_auc', 'deletion_auc'):
+            assert m[key]['averaging'] and isinstance(m[key]['params'], dict)
+        assert 0 <= m['pointing_game']['value'] <= 1 and 0 <= m['content_heatmap']['value'] <= 100
+        assert 0 <= m['insertion_auc']['value'] <= 1 and 0 <= m['deletion_auc']['value'] <= 1
+        assert len(m['insertion_auc']['mean_curve']) == math.ceil(S * S / 1024) + 1
+
+    for pair, value in saved['stability_iou'].items():
+        a, b = pair.split(' vs ')
+        direct = im.image_mean(im.stability_iou(all_maps[a], all_maps[b]))[0]
+        assert value['value'] == pytest.approx(direct, abs=1e-9)
+    assert set(saved['stability_iou']) == {'lvw vs protopnet', 'lvw vs gradcam', 'protopnet vs gradcam'}
+
+    # insertion / deletion of the LVW map with the LVW softmax on the 3 evenly spaced images
+    sub = [0, 4, 8]
+    proba = lambda x: torch.softmax(lvw_model(x).logits, dim=1)  # noqa: E731
+    ins = im.insertion_auc(proba, normalize(images[sub]), lvw_maps[sub], step=1024)
+    dele = im.deletion_auc(proba, normalize(images[sub]), lvw_maps[sub], step=1024)
+    lvw = saved['sources']['lvw']
+    assert lvw['metrics']['insertion_auc']['value'] == pytest.approx(float(ins.mean()), abs=1e-4)
+    assert lvw['metrics']['deletion_auc']['value'] == pytest.approx(float(dele.mean()), abs=1e-4)
+    assert lvw['accuracy'] == pytest.approx(float((lvw_out.logits.argmax(1) == labels).double().mean()))
+
+    # words: classes per word from the last layer, part purity of the top locations
+    counts, mean = im.classes_per_word(lvw_model.last_layer.weight)
+    assert lvw['words']['classes_per_word']['value'] == pytest.approx(mean)
+    assert lvw['words']['classes_per_word']['counts'] == counts.tolist()
+    up = torch.nn.functional.interpolate(lvw_out.similarity_maps, size=(S, S), mode='bicubic', align_corners=False)
+    locations = im.top_locations(up, 3)
+    purity = im.part_purity(locations, parts, gt['part_names'])
+    assert lvw['words']['part_purity']['value'] == pytest.approx(purity['mean_purity'], abs=1e-9)
+    assert lvw['words']['part_purity']['dominant'] == purity['dominant']
+    on_object = obj[locations[..., 0], locations[..., 1], locations[..., 2]].double().mean(1)
+    assert lvw['words']['top_locations_on_object']['value'] == pytest.approx(float(on_object.mean()))
+    assert 1 <= lvw['words']['image_classes_per_word']['value'] <= 3
+    assert res['sources']['lvw']['metrics']['pointing_game']['value'] == lvw['metrics']['pointing_game']['value']
+
+
+def test_gradcam_computed_from_the_base_model(setup, tmp_path):
+    res = em.main(['-base', setup['base'], '-out', str(tmp_path), '-auc_images', '0', '-max_images', '5',
+                   *settings_args(setup['toy'])])
+    test = setup['test']
+    idx = em.evenly_spaced(9, 5)
+    assert idx == [0, 2, 4, 6, 8] and res['n_images'] == 5
+    images = torch.stack([test[i][0] for i in idx])
+    model, _ = load_base_model(setup['base'])
+    maps, _ = gradcam(model, normalize(images))
+    obj = em.load_masks([test.samples[i][0] for i in idx], S)['object']
+    labels = torch.tensor([test.samples[i][1] for i in idx])
+    summary = im.pointing_game_summary(im.pointing_game_hits(maps, obj, im.pointing_tolerance(S)), labels, 3)
+    m = res['sources']['gradcam']['metrics']
+    assert m['pointing_game']['value'] == pytest.approx(summary['class_mean_all'], abs=1e-9)
+    assert 'insertion_auc' not in m and res['auc_images'] == 0
+    assert res['stability_iou'] == {}
+
+
+def test_masks_are_resized_with_nearest(tmp_path):
+    img = tmp_path / 'a.png'
+    img.write_bytes(b'')
+    big = np.zeros((128, 96), dtype=bool)
+    big[10:70, 20:50] = True
+    np.savez(str(tmp_path / 'a.masks.npz'), object=big)
+    gt = em.load_masks([str(img)], 64)
+    assert gt['object'].shape == (1, 64, 64) and gt['parts'] is None
+    from PIL import Image
+    expected = np.asarray(Image.fromarray(big.astype(np.uint8) * 255).resize((64, 64), Image.NEAREST)) > 127
+    assert np.array_equal(gt['object'][0].numpy(), expected)
+
+
+def test_user_errors(setup, tmp_path):
+    args = settings_args(setup['toy'])
+    with pytest.raises(config.UserError, match='give at least one map source'):
+        em.main(args)
+    with pytest.raises(config.UserError, match='-lvw: file not found'):
+        em.main(['-lvw', str(tmp_path / 'nope.pth'), *args])
+    # a test set without masks, and one with a mask missing
+    bare = tmp_path / 'bare'
+    shutil.copytree(os.path.join(setup['toy'], 'test'), bare / 'test', ignore=shutil.ignore_patterns('*.npz'))
+    with pytest.raises(config.UserError, match='has no ground-truth masks'):
+        em.main(['-lvw', setup['lvw'], *settings_args(str(bare))])
+    partial = tmp_path / 'partial'
+    shutil.copytree(os.path.join(setup['toy'], 'test'), partial / 'test')
+    first = sorted(p for p in (partial / 'test').rglob('*.masks.npz'))[0]
+    first.unlink()
+    with pytest.raises(config.UserError, match='1 of 9 test images have no mask file'):
+        em.main(['-lvw', setup['lvw'], *settings_args(str(partial))])
+    # a checkpoint of other classes
+    ckpt = load_checkpoint(setup['lvw'])
+    model, s = model_from_checkpoint(ckpt)
+    other = str(tmp_path / '1push0.1000.pth')
+    save_checkpoint(model, other, s, ['x', 'y', 'z'], epoch=1, kind='push')
+    with pytest.raises(config.UserError, match='different classes'):
+        em.main(['-lvw', other, *args])
+    with pytest.raises(SystemExit):
+        em.main(['-lvw', setup['lvw'], '-auc_images', 'many', *args])
