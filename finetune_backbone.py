@@ -66,7 +66,7 @@ def finetune(s, device, weights=None, log=print):
     source = find_imagenet_weights(s['base_architecture'], weights) if (s['pretrained'] or weights) else None
     if source:
         load_backbone_weights(model, source)
-        log('base model: ImageNet weights from %s' % source)
+        log('base model: starting weights from %s' % source)
     else:
         log('warning: no ImageNet weights for %s (give -weights PATH or put %s in %s); training from scratch'
             % (s['base_architecture'], os.path.basename(imagenet_weight_candidates(s['base_architecture'])[0]),

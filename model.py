@@ -205,7 +205,7 @@ def build_model(s, weights=None, log=print):
         path = find_imagenet_weights(s['base_architecture'], weights)
         if path:
             load_backbone_weights(features, path)
-            log('backbone: ImageNet weights from %s' % path)
+            log('backbone: starting weights from %s' % path)
         else:
             log('warning: no ImageNet weights for %s on disk (give -weights PATH or put %s in %s); '
                 'the backbone starts from random weights' % (s['base_architecture'],

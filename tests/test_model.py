@@ -156,7 +156,7 @@ def test_weights_are_found_in_torchvision_cache_once(tmp_path, monkeypatch):
     messages = []
     s = config.resolve_settings('toy', ['pretrained=True', 'num_classes=3', 'prototype_shape=(15,128,1,1)'])
     build_model(s, log=messages.append)
-    assert messages == ['backbone: ImageNet weights from %s' % (cache / 'resnet18-f37072fd.pth')]
+    assert messages == ['backbone: starting weights from %s' % (cache / 'resnet18-f37072fd.pth')]
     (cache / 'resnet18-f37072fd.pth').unlink()
     messages.clear()
     build_model(s, log=messages.append)
