@@ -14,8 +14,6 @@ There are no ImageNet weights here, so LVW's backbone starts from the fine-tuned
 reference does. Each step calls the script's main() with the arguments a user would type.
 """
 import argparse
-import json
-import os
 import time
 
 import config

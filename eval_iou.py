@@ -16,7 +16,6 @@ The model is rebuilt from the checkpoint, not from the current settings.py.
 import argparse
 import os
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import config
 from checkpoint import load_checkpoint, save_checkpoint
 from image_data import ImageDataset, check_same_classes, make_loader, normalize
-from model import RESNETS, find_imagenet_weights, imagenet_weight_candidates, load_backbone_weights
+from model import RESNETS, load_start_weights
 
 
 def default_base_model_path(s):
@@ -63,14 +63,7 @@ def finetune(s, device, weights=None, log=print):
     test_set = ImageDataset(s['test_dir'], s['img_size'])
     check_same_classes(train_set.classes, test_set.classes, s['train_dir'], s['test_dir'])
     model = make_base_model(s['base_architecture'], len(train_set.classes))
-    source = find_imagenet_weights(s['base_architecture'], weights) if (s['pretrained'] or weights) else None
-    if source:
-        load_backbone_weights(model, source)
-        log('base model: starting weights from %s' % source)
-    else:
-        log('warning: no ImageNet weights for %s (give -weights PATH or put %s in %s); training from scratch'
-            % (s['base_architecture'], os.path.basename(imagenet_weight_candidates(s['base_architecture'])[0]),
-               os.path.dirname(imagenet_weight_candidates(s['base_architecture'])[-1])))
+    source = load_start_weights(model, s['base_architecture'], s['pretrained'], weights, 'base model', log)
     model.to(device)
     head = list(model.fc.parameters())
     head_ids = {id(p) for p in head}

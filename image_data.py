@@ -82,12 +82,10 @@ def check_pairing(npy_path, rows, listed, expected):
             if a != b:
                 raise UserError('%s does not match the images: row %d is %s in its sidecar but %s in the folder'
                                 % (npy_path, i, a, b))
-    if rows < len(expected):
-        raise UserError('%s has %d maps for %d images (first unmatched: %s)'
-                        % (npy_path, rows, len(expected), expected[rows]))
-    if rows > len(expected):
-        extra = listed[len(expected)] if listed else 'row %d' % len(expected)
-        raise UserError('%s has %d maps for %d images (first unmatched: %s)' % (npy_path, rows, len(expected), extra))
+    if rows != len(expected):
+        n = min(rows, len(expected))
+        first = expected[n] if rows < len(expected) else listed[n] if listed else 'row %d' % n
+        raise UserError('%s has %d maps for %d images (first unmatched: %s)' % (npy_path, rows, len(expected), first))
 
 
 def open_attention_maps(npy_path, expected_paths, img_size, log=print):

@@ -197,19 +197,27 @@ class LVWNet(nn.Module):
         return LVWOutput(self.last_layer(similarities), min_distances, similarities, self.similarity(d))
 
 
+def load_start_weights(module, arch, pretrained, weights=None, what='backbone', log=print):
+    """Start `module` (a ResNet, with or without its fc head) from `weights` or, if `pretrained`,
+    from the first local ImageNet file found; says once which, or that it starts from random
+    weights. Returns the file used or None."""
+    path = find_imagenet_weights(arch, weights) if (pretrained or weights) else None
+    if path:
+        load_backbone_weights(module, path)
+        log('%s: starting weights from %s' % (what, path))
+    elif pretrained:
+        log('warning: no ImageNet weights for %s on disk (give -weights PATH or put %s in %s); '
+            'the %s starts from random weights' % (arch, os.path.basename(imagenet_weight_candidates(arch)[0]),
+                                                   os.path.join(torch.hub.get_dir(), 'checkpoints'), what))
+    else:
+        log('%s: pretrained is False, starting from random weights' % what)
+    return path
+
+
 def build_model(s, weights=None, log=print):
     """The LVW network of resolved settings `s`; ImageNet weights for the backbone when
     s['pretrained'] and a file is found (`weights`, ./pretrained_models, or torchvision's cache)."""
     features = ResNetFeatures(s['base_architecture'])
-    if s['pretrained'] or weights:
-        path = find_imagenet_weights(s['base_architecture'], weights)
-        if path:
-            load_backbone_weights(features, path)
-            log('backbone: starting weights from %s' % path)
-        else:
-            log('warning: no ImageNet weights for %s on disk (give -weights PATH or put %s in %s); '
-                'the backbone starts from random weights' % (s['base_architecture'],
-                                                             os.path.basename(imagenet_weight_candidates(s['base_architecture'])[0]),
-                                                             os.path.join(torch.hub.get_dir(), 'checkpoints')))
+    load_start_weights(features, s['base_architecture'], s['pretrained'], weights, 'backbone', log)
     return LVWNet(features, s['prototype_shape'], s['num_classes'], s['prototype_activation_function'],
                   s['add_on_layers_type'], s['incorrect_class_connection'], s['epsilon'])

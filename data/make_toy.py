@@ -26,7 +26,6 @@ Deterministic by seed: image i of class c in split s is drawn from its own gener
 (seed, s, c, i), so any subset of images can be regenerated alone.
 """
 import argparse
-import itertools
 import json
 import math
 import multiprocessing

@@ -101,6 +101,14 @@ class Mini:
         getattr(self, split).setdefault(cls, set()).add(name)
 
 
+def extract_all(archives, dest: Path) -> Path:
+    """Unpack tar archives into `dest` (an extracted-folder source); returns `dest`."""
+    for archive in archives:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+    return dest
+
+
 def run(capsys, *argv):
     """main() -> (exit code, stdout+stderr)."""
     try:
@@ -515,28 +523,20 @@ def test_wrong_dataset_is_an_error(tmp_path, capsys, name):
 def test_extracted_folder_as_source(tmp_path, capsys):
     """An extracted folder is found and a Food-101 folder given to pets is rejected."""
     mini = make(tmp_path, "pets")
-    extracted = tmp_path / "extracted"
-    for archive in mini.srcs:
-        with tarfile.open(archive) as tf:
-            tf.extractall(extracted, filter="data")
+    extracted = extract_all(mini.srcs, tmp_path / "extracted")
     rc, text = run(capsys, "pets", "--src", extracted, "--out", tmp_path / "pets")
     assert rc == 0, text
     assert tree_listing(tmp_path / "pets") == {"train": mini.train, "test": mini.test}
 
     food = make(tmp_path, "food101")
-    food_dir = tmp_path / "food-extracted"
-    with tarfile.open(food.srcs[0]) as tf:
-        tf.extractall(food_dir, filter="data")
+    food_dir = extract_all(food.srcs[:1], tmp_path / "food-extracted")
     rc, text = run(capsys, "pets", "--src", food_dir, "--out", tmp_path / "wrong")
     assert rc != 0 and "Food-101" in text
 
 
 def test_hard_link_and_copy_leave_the_source_alone(tmp_path, capsys):
     mini = make(tmp_path, "pets")
-    src = tmp_path / "extracted"
-    for archive in mini.srcs:
-        with tarfile.open(archive) as tf:
-            tf.extractall(src, filter="data")
+    src = extract_all(mini.srcs, tmp_path / "extracted")
     before = {p: (p.stat().st_mtime_ns, sha(p)) for p in src.rglob("*") if p.is_file()}
     source_img = src / "images" / "Abyssinian_1.jpg"
 

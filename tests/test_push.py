@@ -1,5 +1,4 @@
 """Push picks the brute-force nearest patch; artefacts and boxes."""
-import os
 
 import numpy as np
 import pytest
