@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-full test clean-demo
+.PHONY: demo demo-full demo-peers test clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ demo: $(VENV)/.installed
 demo-full: $(VENV)/.installed
 	$(PY) demo.py --protopnet
 
+# ... and the four peers (SCOUTER+, SCOUTER-, GC, LFI-CAM), then one metrics table of all sources
+demo-peers: $(VENV)/.installed
+	$(PY) demo.py --peers
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 clean-demo:
-	rm -rf data/toy data/grad_train_toy.* data/grad_test_toy.* saved_models/base saved_models/resnet18 saved_models/demo_results.json
+	rm -rf data/toy data/grad_train_toy.* data/grad_test_toy.* saved_models/base saved_models/resnet18 saved_models/demo_results.json saved_models/demo_peers

@@ -47,7 +47,7 @@ def parse_override(item, known):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if isinstance(known[name], str) or (known[name] is None and name.endswith(('_dir', '_path'))):
+        if isinstance(known[name], str) or (known[name] is None and name.endswith(('_dir', '_path', '_run'))):
             value = text
         else:
             raise UserError('-set %s: %r is not a Python literal' % (name, text)) from None
@@ -203,6 +203,17 @@ def to_jsonable(value):
 
 def save_json(obj, path):
     atomic_write(path, lambda f: json.dump(to_jsonable(obj), f, indent=1, sort_keys=True))
+
+
+def prepare_run_dir(folder, overwrite, name_setting):
+    """Make the run folder; one that already holds a run is replaced only with `overwrite`."""
+    import shutil
+    if os.path.isdir(folder) and any(f.endswith('.pth') or f == 'settings.json' for f in os.listdir(folder)):
+        if not overwrite:
+            raise UserError('%s already holds a run; choose another %s (-set %s=NAME) or pass -overwrite'
+                            % (folder, name_setting, name_setting))
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
 
 
 def run_dir(s):

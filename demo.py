@@ -8,19 +8,26 @@
 4. main.py                    LVW: warm, joint, 2 pushes with last-layer passes
 5. eval_iou.py -thr 50        IoU of the word maps with Grad-CAM
 With --protopnet, steps 4-5 again in ProtoPNet mode (class_specific=True, attention_weight=0).
+With --peers (implies --protopnet), then:
+6. train_peer.py              SCOUTER+, SCOUTER-, GC and LFI-CAM from the same base model
+7. eval_metrics.py            one table over the same test images: base Grad-CAM, LVW, ProtoPNet
+                              mode and the four peers (-> saved_models/demo_peers/metrics.{md,json})
 
 There are no ImageNet weights here, so LVW's backbone starts from the fine-tuned base model
 (main.py -weights), the only trained ResNet at hand; on real data use ImageNet weights, as the
 reference does. Each step calls the script's main() with the arguments a user would type.
 """
 import argparse
+import os
 import time
 
 import config
 import eval_iou
 import finetune_backbone
 import gradcam_extract
+import eval_metrics
 import main as lvw_main
+import train_peer
 from data import make_toy
 
 
@@ -38,9 +45,33 @@ def run_lvw(name, base_model, extra_set, log):
             'run_dir': config.run_dir(s), 'train_seconds': round(train_time, 1)}
 
 
+PEER_METHODS = ('scouter+', 'scouter-', 'gc', 'lfi_cam')
+
+
+def run_peers(base_model, steps, log, out_dir='saved_models/demo_peers'):
+    """Train every peer from `base_model`, then score all sources with eval_metrics.py in one run."""
+    sources = ['base=%s' % base_model]
+    for name in ('lvw', 'protopnet'):
+        sources.append('%s=%s' % (name, os.path.join(steps[name]['run_dir'], steps[name]['checkpoint'])))
+    for method in PEER_METHODS:
+        start = time.time()
+        summary = train_peer.main(['-method', method, '-dataset', 'toy', '-weights', base_model, '-overwrite'])
+        log('%s: test accuracy %.4f (%s)' % (method, summary['final_accuracy'], summary['final_checkpoint']))
+        steps[method] = {'accuracy': summary['final_accuracy'], 'checkpoint': summary['final_checkpoint'],
+                         'run_dir': summary['run_dir'], 'train_seconds': round(time.time() - start, 1)}
+        sources.append('%s=%s' % (method, os.path.join(summary['run_dir'], summary['final_checkpoint'])))
+    log('7/7 interpretability metrics of all sources')
+    args = ['-dataset', 'toy', '-test_atts', 'data/grad_test_toy.npy', '-out', out_dir]
+    for item in sources:
+        args += ['-source', item]
+    return eval_metrics.main(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--protopnet', action='store_true', help='also train and evaluate ProtoPNet mode')
+    parser.add_argument('--peers', action='store_true',
+                        help='also ProtoPNet mode, the four peers, and the metrics table of all of them')
     parser.add_argument('--out', default='saved_models/demo_results.json')
     args = parser.parse_args(argv)
     start = time.time()
@@ -61,8 +92,12 @@ def main(argv=None):
     gradcam_extract.main(['-dataset', 'toy'])
     log('4/5 + 5/5 train LVW and measure IoU')
     steps['lvw'] = run_lvw('toy_lvw', base['path'], [], log)
-    if args.protopnet:
+    if args.protopnet or args.peers:
         steps['protopnet'] = run_lvw('toy_protopnet', base['path'], ['class_specific=True', 'attention_weight=0'], log)
+    table = None
+    if args.peers:
+        log('6/7 train the peers')
+        table = run_peers(base['path'], steps, log)
     results = {'base_accuracy': base['test_accuracy'], **steps, 'wall_seconds': round(time.time() - start, 1),
                'versions': config.versions()}
     config.save_json(results, args.out)
@@ -70,7 +105,11 @@ def main(argv=None):
     print('toy demo results (%s)' % args.out)
     print('  base model (ResNet-18) test accuracy  %.4f' % results['base_accuracy'])
     for name, r in steps.items():
-        print('  %-9s test accuracy %.4f   IoU@thr50 %.4f' % (name, r['accuracy'], r['iou_thr50']))
+        iou = ('   IoU@thr50 %.4f' % r['iou_thr50']) if 'iou_thr50' in r else ''
+        print('  %-9s test accuracy %.4f%s' % (name, r['accuracy'], iou))
+    if table is not None:
+        print()
+        print(eval_metrics.to_markdown(table).split('\n\n')[1])
     print('  wall time %.0fs' % results['wall_seconds'])
     return results
 

@@ -5,15 +5,25 @@
         -protopnet saved_models/resnet18/toy_protopnet/6_2push0.9963.pth \
         -base saved_models/base/toy_resnet18.pth -test_atts data/grad_test_toy.npy [-out DIR]
 
-Map sources (each an (S, S) map per test image, S = the dataset's img_size):
+    python eval_metrics.py -dataset toy -test_atts data/grad_test_toy.npy \
+        -source base=saved_models/base/toy_resnet18.pth -source lvw=... -source scouter+=... [...]
+
+Map sources (each an (S, S) map per test image, S = the dataset's img_size); -source NAME=CHECKPOINT
+(repeatable) reads the kind from the checkpoint: a peer (its `method`), a base model (`arch`) or a
+word model; -lvw / -protopnet / -base name theirs lvw, protopnet, gradcam:
     lvw, protopnet  the word map of a checkpoint exactly as eval_iou.py builds it: the top-k words by
                     similarity, their maps resized (eval_map_interpolation), pixelwise max,
                     eval_map_normalisation; k = the checkpoint's topk
     gradcam         the base model's Grad-CAM: the -test_atts array when given (the maps LVW was
                     trained to match), else computed from -base (gradcam_extract.gradcam, target as
                     settings.gradcam_target)
+    peers           peers.<method>.explain of a train_peer.py checkpoint (SCOUTER+/-, GC, LFI-CAM)
 
-Metrics (interp_metrics.py; each entry of metrics.json states its averaging and parameters):
+Metrics (interp_metrics.py, word_metrics.py; each entry of metrics.json states its averaging and
+parameters):
+    test accuracy     of the source's model (the base model for Grad-CAM)
+    IoU with Grad-CAM eval_iou.py's IoU at thr 50 against the Grad-CAM source, image mean
+    area size, precision   SCOUTER's: mean map value; map mass inside the object mask's bounding box
     pointing game     argmax of the map within tau of the `object` mask (strict <), tau = 15 px at 224
                       scaled with S; class mean over all classes (TorchRay); image mean also given
     stochastic PG     100 pixels drawn from the sum-normalised map, hit % per image, image mean;
@@ -29,7 +39,7 @@ Metrics (interp_metrics.py; each entry of metrics.json states its averaging and 
     word models       classes per word from the last layer (W > 0 and >= 0.5 max); part purity of
                       each word's -purity_n top-activating test locations (toy parts); distinct
                       true classes among those locations' images
-Writes <out>/metrics.json and <out>/metrics.md (default out: <run of the first word model>/metrics/,
+Writes <out>/metrics.json and <out>/metrics.md (default out: <run of the first word or peer model>/metrics/,
 or analysis/<dataset>_metrics/).
 """
 import argparse
@@ -45,17 +55,24 @@ import torch.nn.functional as F
 
 import config
 import interp_metrics as im
+import peers
+import word_metrics as wm
 from checkpoint import load_checkpoint, model_from_checkpoint
+from eval_iou import map_iou
 from image_data import ImageDataset, check_same_classes, normalize, open_attention_maps
 from train_and_test import word_attention_map
 
 MASK_SUFFIX = '.masks.npz'
 WORD_SOURCES = ('lvw', 'protopnet')
-HEADLINE = (('pointing_game', 'pointing game (object), class mean', 'higher'),
+IOU_THR = 50  # eval_iou.py's percentile threshold for the IoU with the base model's Grad-CAM
+HEADLINE = (('iou_gradcam', 'IoU with the base Grad-CAM, thr %d' % IOU_THR, 'higher'),
+            ('pointing_game', 'pointing game (object), class mean', 'higher'),
             ('stochastic_pointing_game', 'stochastic pointing game (object), %', 'higher'),
             ('content_heatmap', 'content heatmap (object), %', 'higher'),
             ('insertion_auc', 'insertion AUC', 'higher'),
-            ('deletion_auc', 'deletion AUC', 'lower'))
+            ('deletion_auc', 'deletion AUC', 'lower'),
+            ('area_size', 'area size (SCOUTER), mean map value', 'lower'),
+            ('precision', 'precision (SCOUTER), mass in the object box', 'higher'))
 
 
 # ---- ground truth --------------------------------------------------------------------------------
@@ -178,6 +195,43 @@ class GradCamSource:
         return torch.softmax(self.model(x.contiguous(memory_format=torch.channels_last)), dim=1)
 
 
+class PeerSource:
+    """A peer model from train_peer.py and its explanation map (peers.<method>.explain)."""
+
+    def __init__(self, name, path, ckpt, device, classes, img_size):
+        self.name, self.path = name, path
+        check_same_classes(ckpt['class_names'], classes, path, 'the test set')
+        self.model, self.s, self.method = peers.peer_from_checkpoint(ckpt, device)
+        if self.s['img_size'] != img_size:
+            raise config.UserError('%s was trained at %d px but the test set is read at %d px (-set img_size=%d)'
+                                   % (path, self.s['img_size'], img_size, self.s['img_size']))
+        self.module = peers.method_module(self.method)
+        self.description = '%s map of %s: %s' % (peers.LABELS[self.method], path, peers.MAP_DESCRIPTIONS[self.method])
+
+    def batch(self, images_n, labels, indices):
+        maps = self.module.explain(self.model, images_n)
+        with torch.no_grad():
+            preds = self.model(images_n).argmax(1)
+        return maps, preds
+
+    def predict_proba(self, x):
+        return torch.softmax(self.model(x.contiguous(memory_format=torch.channels_last)), dim=1)
+
+
+def open_source(name, path, device, dataset, img_size, test_atts=None, target='pred'):
+    """The map source a checkpoint holds, by what the checkpoint says it is: a peer (its `method`),
+    a base model (`arch`, from finetune_backbone.py: its Grad-CAM, from test_atts when given) or
+    a word model (LVW or ProtoPNet mode)."""
+    ckpt = load_checkpoint(path)
+    if peers.is_peer_checkpoint(ckpt):
+        return PeerSource(name, path, ckpt, device, dataset.classes, img_size)
+    if 'arch' in ckpt:
+        source = GradCamSource(path, test_atts, device, dataset, img_size, target)
+        source.name = name
+        return source
+    return WordSource(name, path, device, dataset.classes, img_size)
+
+
 # ---- per-batch pieces ---------------------------------------------------------------------------------
 
 def spg_per_image(maps, masks, tau, num_samples, seed, indices):
@@ -192,14 +246,14 @@ def spg_per_image(maps, masks, tau, num_samples, seed, indices):
 
 def word_maxima(sim_maps, size, interpolation, max_elements=1 << 24):
     """Per image and word: the maximum of the word map resized to (size, size) and where it is
-    (interp_metrics.word_argmax_locations), in image chunks that keep memory bounded."""
+    (word_metrics.word_argmax_locations), in image chunks that keep memory bounded."""
     B, P = sim_maps.shape[:2]
     chunk = max(1, max_elements // max(1, P * size * size))
     vals, ys, xs = [], [], []
     align = True if interpolation == 'bilinear' else False
     for start in range(0, B, chunk):
         up = F.interpolate(sim_maps[start:start + chunk], size=(size, size), mode=interpolation, align_corners=align)
-        v, y, x = im.word_argmax_locations(up)
+        v, y, x = wm.word_argmax_locations(up)
         vals.append(v.cpu())
         ys.append(y.cpu())
         xs.append(x.cpu())
@@ -232,7 +286,9 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
     labels = torch.tensor([dataset.samples[i][1] for i in indices])
     auc_pos = {i: k for k, i in enumerate(sorted(set(auc_indices) & set(indices)))}  # test index -> row
     names = [src.name for src in sources]
-    per = {n: {'pg': [], 'spg': [], 'ch': [], 'pred': [], 'pg_part': [], 'ch_part': []} for n in names}
+    per = {n: {'pg': [], 'spg': [], 'ch': [], 'pred': [], 'pg_part': [], 'ch_part': [], 'iou': [], 'area': [],
+               'precision': []} for n in names}
+    reference = next((src.name for src in sources if isinstance(src, GradCamSource)), None)
     maxima = {src.name: [] for src in sources if isinstance(src, WordSource)}
     stability = {pair: [] for pair in itertools.combinations(names, 2)}
     keep_images = torch.zeros(len(auc_pos), 3, S, S)
@@ -264,6 +320,12 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
                                                  for k in range(pm.shape[1])], dim=1))
                 r['ch_part'].append(torch.stack([im.content_heatmap(m, pm[:, k]).double().cpu()
                                                  for k in range(pm.shape[1])], dim=1))
+        for name in names:
+            r = per[name]
+            r['area'].append(im.area_size(maps[name]).cpu())
+            r['precision'].append(im.box_precision(maps[name], obj).cpu())
+            if reference is not None:
+                r['iou'].append(map_iou(maps[name], maps[reference], IOU_THR).cpu())
         for a, b in stability:
             stability[(a, b)].append(im.stability_iou(maps[a], maps[b]).cpu())
         for j, i in enumerate(idx):
@@ -290,6 +352,16 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
                 pg_params, samples=spg_samples, seed='seed + test-set index', base_seed=seed), n_spg),
             'content_heatmap': _entry(ch, 'image mean of the % of map mass inside the mask', {'mask': 'object'}, n_ch),
         }
+        area, n_area = im.image_mean(torch.cat(r['area']))
+        metrics['area_size'] = _entry(area, 'image mean of the mean map value', {
+            'map': 'the source\'s map in [0, 1] at S px (SCOUTER: classes min-max normalised jointly)'}, n_area)
+        precision, n_precision = im.image_mean(torch.cat(r['precision']))
+        metrics['precision'] = _entry(precision, 'image mean of the share of map mass inside the bounding box '
+                                      'of the object mask', {'mask': 'object', 'box': 'bounding box'}, n_precision)
+        if r['iou']:
+            iou, n_iou = im.image_mean(torch.cat(r['iou']))
+            metrics['iou_gradcam'] = _entry(iou, 'image mean (as eval_iou.py)', {
+                'reference': reference, 'thr': IOU_THR, 'region': 'low (value <= the map\'s thr-th percentile)'}, n_iou)
         if part_masks is not None:
             pg_part, ch_part = torch.cat(r['pg_part']), torch.cat(r['ch_part'])
             for k, part in enumerate(gt['part_names']):
@@ -316,7 +388,7 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
                 results[src.name]['auc_note'] = 'no model to score with (give -base for Grad-CAM)'
                 continue
             src.model.eval().to(memory_format=torch.channels_last)  # about 1.3x faster on CPU, same numbers
-            scorer = '%s softmax' % ('its own word model' if isinstance(src, WordSource) else 'the base model')
+            scorer = '%s softmax' % ('the base model' if isinstance(src, GradCamSource) else 'its own model')
             m = keep_maps[src.name].to(device)
             ins, ins_curves, _ = im.insertion_auc(src.predict_proba, images, m, step, auc_batch, return_curves=True)
             dele, del_curves, _ = im.deletion_auc(src.predict_proba, images, m, step, auc_batch, return_curves=True)
@@ -334,13 +406,13 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
     for src in sources:
         if not isinstance(src, WordSource):
             continue
-        counts, mean = im.classes_per_word(src.weight)
+        counts, mean = wm.classes_per_word(src.weight)
         words = {'classes_per_word': _entry(mean, 'mean over %d words' % len(counts),
                                             {'rule': 'W[c,p] > 0 and >= 0.5 max_c W[c,p]'}, len(counts),
                                             counts=counts.tolist(),
                                             histogram=np.bincount(counts.numpy(), minlength=1).tolist())}
         v, ys, xs = (torch.cat(t) for t in zip(*maxima[src.name]))
-        locations = im.top_locations_from_maxima(v, ys, xs, purity_n)
+        locations = wm.top_locations_from_maxima(v, ys, xs, purity_n)
         img_classes = image_classes_per_word(locations, labels)
         on_object = gt['object'][locations[..., 0], locations[..., 1], locations[..., 2]].double().mean(dim=1)
         words['top_locations_on_object'] = _entry(
@@ -352,7 +424,7 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
             {'locations': 'each word\'s %d top-activating test images (argmax of its upsampled map)' % locations.shape[1]},
             len(img_classes), counts=img_classes.tolist())
         if part_masks is not None:
-            purity = im.part_purity(locations, part_masks, gt['part_names'])
+            purity = wm.part_purity(locations, part_masks, gt['part_names'])
             dominant = {c: sum(1 for d in purity['dominant'] if d == c) for c in purity['categories']}
             words['part_purity'] = _entry(purity['mean_purity'], 'mean over words of max_part count / n', {
                 'locations': '%d top-activating test images per word, one location each' % locations.shape[1],
@@ -384,6 +456,14 @@ def _fmt(v, digits=4):
     return ('%.' + str(digits) + 'f') % v
 
 
+def stability_matrix(names, pairs):
+    """The pairwise stability IoUs as a symmetric markdown table (1 on the diagonal)."""
+    value = lambda a, b: 1.0 if a == b else (pairs.get('%s vs %s' % (a, b)) or pairs.get('%s vs %s' % (b, a)))['value']
+    rows = ['| | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+    rows += ['| %s | %s |' % (a, ' | '.join(_fmt(value(a, b), 3) for b in names)) for a in names]
+    return '\n'.join(rows)
+
+
 def to_markdown(res):
     """metrics.md: the comparison table first, then stability, words, and the details with the
     averaging and parameters of every number."""
@@ -398,13 +478,13 @@ def to_markdown(res):
         rows.append('| %s | %s | %s |' % (label, ' | '.join(_fmt(v) for v in vals), better))
 
     metric = lambda key: (lambda src: src['metrics'].get(key, {}).get('value'))
+    row('test accuracy of the model', lambda src: src.get('accuracy'), 'higher')
     for key, label, better in HEADLINE:
         row(label, metric(key), better)
     row('pointing game (object), image mean', lambda src: src['metrics']['pointing_game'].get('image_mean'), 'higher')
     for part in res.get('part_names') or []:
         row('pointing game, part %s' % part, metric('pointing_game_%s' % part))
         row('content heatmap, part %s, %%' % part, metric('content_heatmap_%s' % part))
-    row('test accuracy of the model', lambda src: src.get('accuracy'))
     words = lambda key: (lambda src: src.get('words', {}).get(key, {}).get('value'))
     row('classes per word (last layer)', words('classes_per_word'))
     row('true classes among a word\'s top images', words('image_classes_per_word'))
@@ -417,7 +497,8 @@ def to_markdown(res):
                    res['object_area_percent']['value'],
                    next(iter(res['sources'].values()))['metrics']['pointing_game']['params']['tau_px']), '']
     if res['stability_iou']:
-        md += ['## Stability IoU between sources', '', im.results_to_markdown(res['stability_iou'])]
+        md += ['## Stability IoU between sources', '', stability_matrix(names, res['stability_iou']), '',
+               im.results_to_markdown(res['stability_iou'])]
     for name, src in res['sources'].items():
         md += ['## %s' % name, '', src['map'] + ('' if 'accuracy' not in src else '; test accuracy %.4f' % src['accuracy']), '']
         detail = {k: {kk: vv for kk, vv in v.items() if kk in ('value', 'averaging', 'params', 'n')}
@@ -454,11 +535,36 @@ def _auc_count(text):
     return n
 
 
+def parse_sources(items):
+    """-source NAME=CHECKPOINT items -> {name: path} in the order given, each file checked."""
+    named = {}
+    for item in items:
+        name, sep, path = item.partition('=')
+        name = name.strip()
+        if not sep or not name or not path:
+            raise config.UserError('-source expects NAME=CHECKPOINT, got %r' % item)
+        if name in named:
+            raise config.UserError('-source: the name %r is given twice' % name)
+        if not os.path.isfile(path):
+            raise config.UserError('-source %s: file not found: %s' % (name, path))
+        named[name] = path
+    return named
+
+
+def open_source_is_base(path):
+    """Whether a checkpoint is a base model (finetune_backbone.py)."""
+    ckpt = load_checkpoint(path)
+    return 'arch' in ckpt and not peers.is_peer_checkpoint(ckpt)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-lvw', default=None, help='LVW checkpoint (.pth in its run folder)')
     parser.add_argument('-protopnet', default=None, help='ProtoPNet-mode checkpoint')
     parser.add_argument('-base', default=None, help='base model (finetune_backbone.py) for Grad-CAM and its AUCs')
+    parser.add_argument('-source', action='append', default=[], metavar='NAME=CHECKPOINT',
+                        help='a map source named NAME (repeatable): an LVW / ProtoPNet-mode checkpoint, a peer '
+                             'from train_peer.py or a base model; the kind is read from the checkpoint')
     parser.add_argument('-test_atts', default=None, help='Grad-CAM maps of the test images (.npy); default: computed from -base')
     parser.add_argument('-out', default=None, help='output folder (default <first word model run>/metrics)')
     parser.add_argument('-max_images', type=int, default=None, help='evaluate this many evenly spaced test images (default all)')
@@ -478,8 +584,10 @@ def main(argv=None):
     config.add_device_args(parser)
     args = parser.parse_args(argv)
     start = time.time()
-    if not (args.lvw or args.protopnet or args.base or args.test_atts):
-        raise config.UserError('give at least one map source: -lvw, -protopnet, -base or -test_atts')
+    named = parse_sources(args.source)
+    if not (args.lvw or args.protopnet or args.base or args.test_atts or named):
+        raise config.UserError('give at least one map source: -source NAME=CHECKPOINT, -lvw, -protopnet, -base '
+                               'or -test_atts')
     for flag in ('lvw', 'protopnet', 'base', 'test_atts'):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
@@ -498,8 +606,12 @@ def main(argv=None):
     for name in WORD_SOURCES:
         if getattr(args, name):
             sources.append(WordSource(name, getattr(args, name), device, dataset.classes, S))
-    if args.base or args.test_atts:
+    if args.base or (args.test_atts and not any(open_source_is_base(p) for p in named.values())):
         sources.append(GradCamSource(args.base, args.test_atts, device, dataset, S, s['gradcam_target']))
+    for name, path in named.items():
+        if name in [src.name for src in sources]:
+            raise config.UserError('-source %s: the name %r is already taken' % (name, name))
+        sources.append(open_source(name, path, device, dataset, S, args.test_atts, s['gradcam_target']))
     tau = args.tau if args.tau is not None else im.pointing_tolerance(S)
     n_auc = len(indices) if args.auc_images is None else min(args.auc_images, len(indices))
     auc_indices = [indices[k] for k in evenly_spaced(len(indices), n_auc)] if n_auc else []
@@ -508,7 +620,7 @@ def main(argv=None):
                    args.auc_batch, args.purity_n, args.batch_size, not args.no_parts, device)
     res['command'] = 'python eval_metrics.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     res['seconds']['wall'] = round(time.time() - start, 1)
-    first_word = next((src for src in sources if isinstance(src, WordSource)), None)
+    first_word = next((src for src in sources if isinstance(src, (WordSource, PeerSource))), None)
     out = args.out or (os.path.join(os.path.dirname(first_word.path), 'metrics') if first_word
                        else os.path.join('analysis', '%s_metrics' % s['dataset']))
     os.makedirs(out, exist_ok=True)

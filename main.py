@@ -11,7 +11,6 @@ saved_models/<arch>/<experiment_run>/ as <epoch>nopush<acc>.pth, <epoch>push<acc
 import argparse
 import os
 import random
-import shutil
 import time
 
 import numpy as np
@@ -33,11 +32,12 @@ CSV_FIELDS = ('epoch', 'phase', 'split', 'iteration', 'time', 'cross_entropy', '
 class RunLog:
     """Prints and appends to <run>/train.log; one CSV row per pass in <run>/metrics.csv."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, fields=CSV_FIELDS):
         self.log_path = os.path.join(folder, 'train.log')
         self.csv_path = os.path.join(folder, 'metrics.csv')
+        self.fields = tuple(fields)
         with open(self.csv_path, 'w') as f:
-            f.write(','.join(CSV_FIELDS) + '\n')
+            f.write(','.join(self.fields) + '\n')
 
     def __call__(self, message):
         print(message, flush=True)
@@ -46,7 +46,7 @@ class RunLog:
 
     def row(self, **values):
         with open(self.csv_path, 'a') as f:
-            f.write(','.join('' if values.get(k) is None else str(values.get(k)) for k in CSV_FIELDS) + '\n')
+            f.write(','.join('' if values.get(k) is None else str(values.get(k)) for k in self.fields) + '\n')
 
 
 def seed_everything(seed):
@@ -171,12 +171,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     folder = config.run_dir(s)
-    if os.path.isdir(folder) and any(f.endswith('.pth') or f == 'settings.json' for f in os.listdir(folder)):
-        if not args.overwrite:
-            raise config.UserError('%s already holds a run; choose another experiment_run '
-                                   '(-set experiment_run=NAME) or pass -overwrite' % folder)
-        shutil.rmtree(folder)
-    os.makedirs(folder, exist_ok=True)
+    config.prepare_run_dir(folder, args.overwrite, 'experiment_run')
     config.save_json({'settings': s, 'train_atts': train_atts, 'test_atts': test_atts, 'device': str(device),
                       'versions': config.versions()}, os.path.join(folder, 'settings.json'))
     log = RunLog(folder)

@@ -69,6 +69,46 @@ finetune_lr = 1e-4             # Adam; the new head uses 10x this
 finetune_batch_size = 64
 gradcam_target = 'pred'        # 'pred': explain the predicted class; 'label': the true class
 
+# ---- peer methods: train_peer.py (see ../shared/PEERS_SPEC.md and the README) ----------------
+# Each peer starts its ResNet trunk as LVW does (-weights, or ImageNet weights), with its own head.
+# <m>_optimizer: 'adamw' or 'sgd' (momentum 0.9); lr x <m>_gamma at each epoch of <m>_milestones.
+peer_run = None                # run folder name; None: '<dataset>_<method>' (scouter_plus, gc, ...)
+# SCOUTER (spec 1): the CUB-200 recipe; dicts give the SCOUTER+ ('+') and SCOUTER- ('-') values
+scouter_hidden_dim = 64
+scouter_to_k_layers = 3
+scouter_iterations = 3
+scouter_slots_per_class = {'+': 5, '-': 3}
+scouter_lambda = {'+': 10.0, '-': 1.0}     # area loss weight
+scouter_power = 2                          # area loss = lambda * mean(attention) ** power
+scouter_freeze_layers = 2                  # trunk stages frozen: 2 trains layer3, layer4 and the head
+scouter_optimizer = 'adamw'
+scouter_lr = 1e-4
+scouter_weight_decay = 0.01    # the reference's --weight_decay is ignored, so AdamW's 0.01 applies
+scouter_milestones = [70, 140]  # StepLR(70) over 150 epochs
+scouter_gamma = 0.1
+scouter_epochs = 150
+scouter_batch_size = 64
+# Grad-CAM consistency (spec 2): CE + gc_lambda * L1(composite Grad-CAM, placed Grad-CAM)
+gc_lambda = 25.0
+gc_maxpool = False             # True: global max pooling before the fc (the GMP variant)
+gc_optimizer = 'sgd'           # the fine-tuning recipe (COCO, from a trained trunk)
+gc_lr = 0.01
+gc_weight_decay = 5e-4
+gc_milestones = [24, 30]
+gc_gamma = 0.1
+gc_epochs = 36
+gc_batch_size = 256             # the reference's (over 4 GPUs)
+# LFI-CAM (spec 3): feature-importance network over the layer4 features, ABN-style attention
+lfi_conv1_stride = 1           # the reference's ImageNet model: conv1 stride 1 (4x the cost of 2)
+lfi_fin_convs = 4              # 3x3 conv-BN-ReLU blocks of the feature importance network
+lfi_optimizer = 'sgd'
+lfi_lr = 0.1
+lfi_weight_decay = 1e-4
+lfi_milestones = [150, 225]
+lfi_gamma = 0.1
+lfi_epochs = 300
+lfi_batch_size = 256
+
 # ---- per-dataset values, applied over the ones above ------------------------------------------
 presets = {
     'pets': {},  # the reference values above, exactly
@@ -89,5 +129,9 @@ presets = {
             'train_batch_size': 32, 'test_batch_size': 100, 'train_push_batch_size': 100, 'num_workers': 0,
             'num_train_epochs': 7, 'num_warm_epochs': 2, 'push_start': 3, 'push_epochs': [3, 6],
             'joint_lr_step_size': 5, 'last_layer_iterations': 3, 'save_threshold': 0.0, 'keep_checkpoints': 2,
-            'finetune_epochs': 5, 'finetune_lr': 1e-3, 'finetune_batch_size': 32},
+            'finetune_epochs': 5, 'finetune_lr': 1e-3, 'finetune_batch_size': 32,
+            # the peers' recipes scaled to a few CPU epochs (README, "Peers")
+            'scouter_batch_size': 8, 'scouter_epochs': 8, 'scouter_milestones': [6],
+            'gc_batch_size': 32, 'gc_epochs': 4, 'gc_milestones': [3],
+            'lfi_batch_size': 32, 'lfi_conv1_stride': 2, 'lfi_lr': 1e-3, 'lfi_epochs': 5, 'lfi_milestones': [4]},
 }

@@ -15,7 +15,7 @@ Writes, for the run's final checkpoint (or -checkpoint):
                                      local_analysis/ when they exist)
 
 A word is *used* by class c when W[c, p] > 0 and W[c, p] >= 0.5 max_c' W[c', p]
-(interp_metrics.classes_per_word). Nothing happens at import time; matplotlib is imported inside
+(word_metrics.classes_per_word). Nothing happens at import time; matplotlib is imported inside
 the functions that need it, with its object-oriented API (no pyplot, no global backend change).
 """
 import argparse
@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 
 WORDS_PER_PAGE = 50
-USE_REL = 0.5   # the relative threshold of interp_metrics.classes_per_word
+USE_REL = 0.5   # the relative threshold of word_metrics.classes_per_word
 PHASE_COLOURS = {'warm': '#8c8c8c', 'joint': '#1f77b4', 'push': '#d62728', 'last': '#2ca02c'}
 CHECKPOINT_RE = re.compile(r'^(\d+)(?:_(\d+))?(nopush|push)(\d+(?:\.\d+)?)\.pth$')
 
@@ -52,7 +52,7 @@ def short_class_names(names, maxlen=14):
 
 
 def word_users(weight, rel=USE_REL):
-    """For each word, the classes that use it (the rule of interp_metrics.classes_per_word),
+    """For each word, the classes that use it (the rule of word_metrics.classes_per_word),
     ordered by decreasing weight. weight: (C, P) array or tensor -> list of P lists of class indices."""
     w = _as_numpy(weight).astype(np.float64)
     wmax = w.max(axis=0, keepdims=True)
@@ -332,11 +332,11 @@ def draw_weight_heatmap(weight, class_names, out_path, title=None):
     """The class x word last-layer matrix (diverging colours, 0 = white, dots on the weights that
     make a class use a word) above a bar chart of the number of classes using each word.
     Returns {'path', 'classes_per_word' (P,) list, 'mean_classes_per_word'}."""
-    import interp_metrics
+    import word_metrics
     import torch
     w = _as_numpy(weight).astype(np.float64)
     C, P = w.shape
-    counts, mean = interp_metrics.classes_per_word(torch.from_numpy(w), rel=USE_REL)
+    counts, mean = word_metrics.classes_per_word(torch.from_numpy(w), rel=USE_REL)
     counts = counts.numpy()
     short = short_class_names(class_names, 22)
     width = min(24.0, max(8.0, 2.5 + 0.13 * P))

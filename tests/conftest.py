@@ -36,3 +36,14 @@ def tiny_overrides(data_path, **extra):
 def tiny_settings(tiny_toy):
     import config
     return config.resolve_settings('toy', tiny_overrides(tiny_toy))
+
+
+def save_random_base_model(path, s, classes, seed):
+    """An untrained base ResNet-18 saved as finetune_backbone.py saves one; returns the model (eval)."""
+    import torch
+    from checkpoint import save_checkpoint
+    from finetune_backbone import make_base_model
+    torch.manual_seed(seed)
+    base = make_base_model('resnet18', len(classes)).eval()
+    save_checkpoint(base, str(path), s, classes, arch='resnet18', img_size=TINY_SIZE)
+    return base

@@ -12,11 +12,12 @@ import torch
 import config
 import eval_metrics as em
 import interp_metrics as im
+import word_metrics as wm
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from finetune_backbone import load_base_model, make_base_model
+from finetune_backbone import load_base_model
 from gradcam_extract import gradcam
 from image_data import ImageDataset, normalize
-from tests.conftest import tiny_overrides
+from tests.conftest import save_random_base_model, tiny_overrides
 from tests.test_visualize import build_run
 from train_and_test import word_attention_map
 
@@ -28,10 +29,8 @@ def setup(tmp_path_factory, tiny_toy):
     root = tmp_path_factory.mktemp('metrics')
     run = build_run(root, tiny_toy)
     test = ImageDataset(os.path.join(tiny_toy, 'test'), S)
-    torch.manual_seed(3)
-    base = make_base_model('resnet18', 3).eval()
     base_path = str(root / 'base.pth')
-    save_checkpoint(base, base_path, run.s, test.classes, arch='resnet18', img_size=S)
+    save_random_base_model(base_path, run.s, test.classes, seed=3)
     atts = str(root / 'grad_test.npy')
     rng = np.random.default_rng(0)
     np.save(atts, rng.random((len(test), S, S), dtype=np.float32))
@@ -113,12 +112,12 @@ def test_metrics_equal_direct_interp_metrics_calls(setup, tmp_path):
     assert lvw['accuracy'] == pytest.approx(float((lvw_out.logits.argmax(1) == labels).double().mean()))
 
     # words: classes per word from the last layer, part purity of the top locations
-    counts, mean = im.classes_per_word(lvw_model.last_layer.weight)
+    counts, mean = wm.classes_per_word(lvw_model.last_layer.weight)
     assert lvw['words']['classes_per_word']['value'] == pytest.approx(mean)
     assert lvw['words']['classes_per_word']['counts'] == counts.tolist()
     up = torch.nn.functional.interpolate(lvw_out.similarity_maps, size=(S, S), mode='bicubic', align_corners=False)
-    locations = im.top_locations(up, 3)
-    purity = im.part_purity(locations, parts, gt['part_names'])
+    locations = wm.top_locations(up, 3)
+    purity = wm.part_purity(locations, parts, gt['part_names'])
     assert lvw['words']['part_purity']['value'] == pytest.approx(purity['mean_purity'], abs=1e-9)
     assert lvw['words']['part_purity']['dominant'] == purity['dominant']
     on_object = obj[locations[..., 0], locations[..., 1], locations[..., 2]].double().mean(1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import interp_metrics as im
+import word_metrics as wm
 
 
 # ---------------------------------------------------------------------------
@@ -452,7 +453,7 @@ def test_part_purity_hand_made():
         [(1, 0, 1), (1, 2, 2)],                         # background x2
         [],
     ]
-    res = im.part_purity(locs, pm, ["head", "wing"])
+    res = wm.part_purity(locs, pm, ["head", "wing"])
     assert res["categories"] == ["head", "wing", "background"]
     assert res["counts"].tolist() == [[2, 1, 1], [0, 3, 0], [0, 0, 2], [0, 0, 0]]
     assert res["purity"][:3].tolist() == pytest.approx([0.5, 1.0, 1.0])
@@ -461,7 +462,7 @@ def test_part_purity_hand_made():
     assert res["mean_purity"] == pytest.approx(2.5 / 3)
     # same result from a (P, n, 3) tensor; tie 1-1 -> the earlier category
     t = torch.tensor([[[0, 0, 0], [0, 2, 0]], [[1, 1, 1], [1, 2, 2]]])
-    res = im.part_purity(t, pm, ["head", "wing"])
+    res = wm.part_purity(t, pm, ["head", "wing"])
     assert res["counts"].tolist() == [[1, 1, 0], [0, 0, 2]]
     assert res["dominant"] == ["head", "background"]
     assert res["purity"].tolist() == pytest.approx([0.5, 1.0])
@@ -477,17 +478,17 @@ def test_top_locations_hand_made():
     s[0, 1, 2, 2] = 0.3
     s[1, 1, 0, 1] = 0.3        # tie across images -> lower image index first
     s[2, 1, 1, 1] = 0.1
-    top = im.top_locations(s, 2)
+    top = wm.top_locations(s, 2)
     assert top.shape == (P, 2, 3)
     assert top[0].tolist() == [[1, 3, 0], [2, 0, 0]]
     assert top[1].tolist() == [[0, 2, 2], [1, 0, 1]]
     # n larger than N is capped, one location per image
-    top = im.top_locations(s, 10)
+    top = wm.top_locations(s, 10)
     assert top.shape == (P, 3, 3)
     assert sorted(top[0, :, 0].tolist()) == [0, 1, 2]
-    v, ys, xs = im.word_argmax_locations(s)
+    v, ys, xs = wm.word_argmax_locations(s)
     assert v[:, 0].tolist() == pytest.approx([0.5, 0.9, 0.7])
-    assert torch.equal(im.top_locations_from_maxima(v, ys, xs, 2), im.top_locations(s, 2))
+    assert torch.equal(wm.top_locations_from_maxima(v, ys, xs, 2), wm.top_locations(s, 2))
 
 
 # ---------------------------------------------------------------------------
@@ -500,7 +501,7 @@ def test_classes_per_word_protopnet_init():
     identity = torch.zeros(P, C)
     identity[torch.arange(P), torch.arange(P) // per] = 1.0
     w = 1.0 * identity.t() - 0.5 * (1 - identity.t())  # (C, P)
-    counts, mean = im.classes_per_word(w)
+    counts, mean = wm.classes_per_word(w)
     assert counts.tolist() == [1] * P
     assert mean == 1.0
 
@@ -511,12 +512,12 @@ def test_classes_per_word_hand_made():
         [0.6, 0.5, -2.0, 0.0, 0.5],
         [0.2, 0.1, -0.5, 0.0, 0.49],
     ])
-    counts, mean = im.classes_per_word(w)
+    counts, mean = wm.classes_per_word(w)
     assert counts.tolist() == [2, 2, 0, 0, 2]
     assert mean == pytest.approx(6 / 5)
-    counts, _ = im.classes_per_word(w, rel=0.1)
+    counts, _ = wm.classes_per_word(w, rel=0.1)
     assert counts.tolist() == [3, 3, 0, 0, 3]
-    counts, _ = im.classes_per_word(w, rel=1.0)
+    counts, _ = wm.classes_per_word(w, rel=1.0)
     assert counts.tolist() == [1, 1, 0, 0, 1]
 
 
@@ -537,3 +538,33 @@ def test_results_to_markdown():
     assert lines[2] == "| pointing_game | 0.8125 | class mean (TorchRay) | 50 | tau=4.2857, num_classes=4 |"
     assert lines[3] == "| spg | nan | image mean |  | seed=0 |"
     assert lines[4] == "| classes_per_word | 1.0000 |  |  |  |"
+
+
+# ---- SCOUTER's area size and box precision ------------------------------------------------------
+
+def test_area_size_is_the_mean_map_value():
+    maps = torch.tensor([[[0.0, 1.0], [0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0]]])
+    assert im.area_size(maps).tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_mask_boxes_by_hand():
+    masks = torch.zeros(3, 5, 6, dtype=torch.bool)
+    masks[0, 1, 2] = masks[0, 3, 4] = True   # two pixels: box rows 1-3, cols 2-4
+    masks[1, 4, 0] = True
+    assert im.mask_boxes(masks).tolist() == [[1, 3, 2, 4], [4, 4, 0, 0], [-1, -1, -1, -1]]
+
+
+def test_box_precision_counts_the_whole_box_not_only_the_mask():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True   # box = the top-left 2 x 2
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, 1] = 2.0   # inside the box, outside the mask
+    maps[0, 1, 1] = 1.0   # inside both
+    maps[0, 3, 3] = 1.0   # outside
+    maps[1] = 1.0         # empty mask: skipped
+    precision = im.box_precision(maps, masks)
+    assert precision[0].item() == pytest.approx(3 / 4)
+    assert math.isnan(precision[1].item())
+    assert im.content_heatmap(maps[:1], masks[:1])[0].item() == pytest.approx(100 / 4)  # the mask alone
+    # a map of zeros has no mass to place
+    assert math.isnan(im.box_precision(torch.zeros(1, 4, 4), masks[:1])[0].item())

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import config
-import interp_metrics
+import word_metrics
 import push
 import visualize as vis
 from checkpoint import save_checkpoint
@@ -78,7 +78,7 @@ def test_word_users_follow_classes_per_word():
     w = torch.randn(7, 40)
     w[:, 3] = -1.0  # nobody
     users = vis.word_users(w)
-    counts, _ = interp_metrics.classes_per_word(w)
+    counts, _ = word_metrics.classes_per_word(w)
     assert [len(u) for u in users] == counts.tolist()
     assert users[3] == []
     for p, u in enumerate(users):
@@ -150,7 +150,7 @@ def test_gallery_per_class_grid(tiny_run, tmp_path):
 
 def test_weight_heatmap_and_classes_per_word(tiny_run, tmp_path):
     out = vis.draw_weight_heatmap(tiny_run.weight, tiny_run.classes, str(tmp_path / 'w.png'), title='t')
-    counts, mean = interp_metrics.classes_per_word(tiny_run.weight)
+    counts, mean = word_metrics.classes_per_word(tiny_run.weight)
     assert out['classes_per_word'] == counts.tolist() and out['mean_classes_per_word'] == pytest.approx(mean)
     assert counts[0] == 2 and counts[14] == 0
     with Image.open(out['path']) as img:
@@ -177,7 +177,7 @@ def test_run_report_links_existing_files(tiny_run):
     for needed in ('report/curves.png', 'report/weights.png', 'img/epoch-1/gallery-1.png'):
         assert needed in links
     assert '60.00%' in text and 'LVW' in text and '1_0push0.6000.pth' in text
-    assert 'mean %.2f' % interp_metrics.classes_per_word(tiny_run.weight)[1] in text
+    assert 'mean %.2f' % word_metrics.classes_per_word(tiny_run.weight)[1] in text
 
 
 

@@ -1,0 +1,46 @@
+"""Peer methods trained and scored beside LVW (../shared/PEERS_SPEC.md): SCOUTER+/-, Grad-CAM
+consistency (GC) and LFI-CAM, each on the same ResNet trunk as LVW. `train_peer.py` trains them,
+`eval_metrics.py` scores them; a checkpoint names its method, so the kind of model is read from it.
+"""
+import importlib
+
+# method name -> module of this package that implements it
+METHODS = {'scouter+': 'scouter', 'scouter-': 'scouter', 'gc': 'gc_consistency', 'lfi_cam': 'lfi_cam'}
+# method name -> run-folder suffix and a label for tables
+RUN_NAMES = {'scouter+': 'scouter_plus', 'scouter-': 'scouter_minus', 'gc': 'gc', 'lfi_cam': 'lfi_cam'}
+LABELS = {'scouter+': 'SCOUTER+', 'scouter-': 'SCOUTER-', 'gc': 'GC', 'lfi_cam': 'LFI-CAM'}
+# what explain() returns, for reports
+MAP_DESCRIPTIONS = {
+    'scouter+': "the predicted class's slot attention (classes min-max normalised jointly), bilinear to S",
+    'scouter-': "the slot attention of the class with the lowest logit (classes min-max normalised jointly), "
+                "bilinear to S",
+    'gc': 'element-wise Grad-CAM (grad x activation, layer4) of the predicted class, min-max, bilinear to S',
+    'lfi_cam': 'the attention map of the feature importance network (class-agnostic), min-max, bilinear to S',
+}
+
+
+def method_module(method):
+    """The module implementing `method` (one of METHODS)."""
+    from config import UserError
+    if method not in METHODS:
+        raise UserError('unknown peer method %r (choose from %s)' % (method, ', '.join(METHODS)))
+    return importlib.import_module('peers.' + METHODS[method])
+
+
+def build_peer(method, s, num_classes):
+    """The untrained model of `method` for resolved settings `s` (no weights loaded)."""
+    return method_module(method).build(s, num_classes, method)
+
+
+def is_peer_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and ckpt.get('method') in METHODS
+
+
+def peer_from_checkpoint(ckpt, device='cpu'):
+    """(model in eval mode, its settings, its method) from a checkpoint written by train_peer.py."""
+    from checkpoint import checkpoint_settings
+    method = ckpt['method']
+    s = checkpoint_settings(ckpt)
+    model = build_peer(method, dict(s, pretrained=False), len(ckpt['class_names']))
+    model.load_state_dict(ckpt['state_dict'])
+    return model.to(device).eval(), s, method

@@ -1,0 +1,162 @@
+"""Train a peer method (SCOUTER+/-, Grad-CAM consistency, LFI-CAM) on the same footing as LVW.
+
+    python train_peer.py -method scouter+ -dataset toy -weights saved_models/base/toy_resnet18.pth
+
+Same images, loaders, settings (settings.py + presets + -set), trunk start (-weights, as main.py),
+device choice and run layout as main.py: saved_models/<arch>/<peer_run>/ with settings.json,
+train.log, metrics.csv (one row per pass) and a checkpoint per epoch above save_threshold
+(<epoch>epoch<acc>.pth: state_dict, resolved settings, class names and the method, readable with
+weights_only=True). Each method's recipe (optimiser, lr, schedule, epochs, batch size, loss
+weights) is its <prefix>_* settings; see peers/ and ../shared/PEERS_SPEC.md. The final epoch's
+checkpoint is the result (no selection on the test set).
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import config
+import peers
+from checkpoint import CheckpointKeeper, checkpoint_name
+from image_data import ImageDataset, check_same_classes, make_loader, normalize
+from main import RunLog, seed_everything
+from peers import common
+
+CSV_FIELDS = ('epoch', 'split', 'time', 'total', 'cross_entropy', 'area', 'consistency', 'accuracy', 'lr')
+
+
+def peer_run_dir(s, method):
+    """saved_models/<arch>/<peer_run>, peer_run defaulting to <dataset>_<method's run name>."""
+    name = s['peer_run'] or '%s_%s' % (s['dataset'], peers.RUN_NAMES[method])
+    return os.path.join('saved_models', s['base_architecture'], name)
+
+
+def to_device(batch, device):
+    """A loader batch (images, labels, *extra) on `device`; images and image-shaped extras normalised."""
+    images, labels, *extra = batch
+    images = normalize(images.to(device, non_blocking=True))
+    extra = tuple(normalize(e.to(device)) if e.dim() == 4 and e.shape[1] == 3 else e.to(device) for e in extra)
+    return images, labels.to(device, non_blocking=True), extra
+
+
+def train_one_epoch(model, method, loader, optimizer, device, s, desc=''):
+    """One training pass; returns the per-batch means of the loss terms, accuracy and time."""
+    module = peers.method_module(method)
+    model.train()
+    sums, n_batches, correct, seen = {}, 0, 0, 0
+    start = time.time()
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+        images, labels, extra = to_device(batch, device)
+        terms, logits = module.batch_loss(model, images, labels, extra, s, method)
+        optimizer.zero_grad(set_to_none=True)
+        terms['total'].backward()
+        optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+        correct = correct + (logits.argmax(1) == labels).sum()
+        n_batches += 1
+        seen += labels.numel()
+    metrics = {name: total.item() / max(n_batches, 1) for name, total in sums.items()}
+    metrics.update(accuracy=float(correct) / max(seen, 1), time=time.time() - start)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, desc='test'):
+    """Test accuracy and mean cross entropy of a classifier returning logits."""
+    model.eval()
+    loss, correct, seen = 0.0, 0, 0
+    start = time.time()
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits = model(normalize(images.to(device)))
+        labels = labels.to(device)
+        loss += F.cross_entropy(logits, labels, reduction='sum').item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+    return {'cross_entropy': loss / max(seen, 1), 'accuracy': correct / max(seen, 1), 'time': time.time() - start}
+
+
+def format_metrics(m):
+    keys = ('total', 'cross_entropy', 'area', 'consistency')
+    parts = ['time %.1fs' % m['time']] + ['%s %.4f' % (k, m[k]) for k in keys if k in m]
+    return ' | '.join(parts + ['acc %.2f%%' % (100 * m['accuracy'])])
+
+
+def train_peer(s, method, device, weights=None, log=print, run_log=None):
+    """Train `method` as its <prefix>_* settings say; returns a summary dict."""
+    module = peers.method_module(method)
+    prefix = module.PREFIX
+    folder = peer_run_dir(s, method)
+    run_log = run_log or (lambda **_: None)
+    seed_everything(s['seed'])
+    train_set = ImageDataset(s['train_dir'], s['img_size'], flip='joint', log=log)
+    test_set = ImageDataset(s['test_dir'], s['img_size'], log=log)
+    check_same_classes(train_set.classes, test_set.classes, s['train_dir'], s['test_dir'])
+    classes = train_set.classes
+    if len(classes) != s['num_classes']:
+        raise config.UserError('%s has %d classes but num_classes is %d' % (s['train_dir'], len(classes), s['num_classes']))
+    train_loader = make_loader(module.train_dataset(train_set, s), s[prefix + '_batch_size'], True,
+                               s['num_workers'], device)
+    test_loader = make_loader(test_set, s['test_batch_size'], False, s['num_workers'], device)
+    model = peers.build_peer(method, s, len(classes))
+    common.start_trunk(model, s, weights, log)
+    model.to(device)
+    params = list(module.trainable_parameters(model, s))
+    optimizer, scheduler = common.make_optimizer(params, s, prefix)
+    n_train = sum(p.numel() for p in params if p.requires_grad)
+    log('%s: %d train / %d test images, %d classes, %.2fM trainable parameters, %d epochs'
+        % (peers.LABELS[method], len(train_set), len(test_set), len(classes), n_train / 1e6, s[prefix + '_epochs']))
+    keep = CheckpointKeeper(folder, s['save_threshold'], s['keep_checkpoints'], log)
+    start, final = time.time(), None
+    for epoch in range(s[prefix + '_epochs']):
+        lr = optimizer.param_groups[0]['lr']
+        metrics = train_one_epoch(model, method, train_loader, optimizer, device, s, desc='epoch %d train' % epoch)
+        scheduler.step()
+        log('epoch %d | train | %s' % (epoch, format_metrics(metrics)))
+        run_log(epoch=epoch, split='train', lr=lr, **{k: metrics.get(k) for k in CSV_FIELDS[2:-1]})
+        test = evaluate(model, test_loader, device)
+        log('epoch %d | test | %s' % (epoch, format_metrics(test)))
+        run_log(epoch=epoch, split='test', lr=lr, **test)
+        path = keep(model, checkpoint_name(epoch, test['accuracy'], 'epoch'), test['accuracy'], s, classes,
+                    epoch=epoch, method=method)
+        final = (path, test['accuracy'])
+    summary = {'method': method, 'final_accuracy': final[1] if final else None,
+               'final_checkpoint': os.path.basename(final[0]) if final and final[0] else None,
+               'best_checkpoint': os.path.basename(keep.best[0]) if keep.best else None,
+               'best_accuracy': keep.best[1] if keep.best else None, 'run_dir': folder,
+               'train_seconds': round(time.time() - start, 1)}
+    config.save_json(summary, os.path.join(folder, 'run_summary.json'))
+    log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
+        % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-method', required=True, choices=tuple(peers.METHODS), help='the peer to train')
+    parser.add_argument('-weights', default=None,
+                        help='starting weights of the trunk (torchvision format or a base model from finetune_backbone.py)')
+    parser.add_argument('-overwrite', action='store_true', help='replace an existing run folder')
+    config.add_settings_args(parser)
+    config.add_device_args(parser)
+    args = parser.parse_args(argv)
+    s = config.resolve_settings(args.dataset, args.set)
+    if args.weights and not os.path.isfile(args.weights):
+        raise config.UserError('weights file not found: %s' % args.weights)
+    device = config.pick_device(args.device, args.gpuid)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    folder = peer_run_dir(s, args.method)
+    config.prepare_run_dir(folder, args.overwrite, 'peer_run')
+    config.save_json({'settings': s, 'method': args.method, 'weights': args.weights, 'device': str(device),
+                      'versions': config.versions()}, os.path.join(folder, 'settings.json'))
+    log = RunLog(folder, CSV_FIELDS)
+    log('run folder %s, device %s, dataset %s, method %s' % (folder, device, s['dataset'], args.method))
+    return train_peer(s, args.method, device, args.weights, log=log, run_log=log.row)
+
+
+if __name__ == '__main__':
+    config.run_cli(main)
