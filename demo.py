@@ -23,9 +23,9 @@ import time
 
 import config
 import eval_iou
+import eval_metrics
 import finetune_backbone
 import gradcam_extract
-import eval_metrics
 import main as lvw_main
 import train_peer
 from data import make_toy
