@@ -551,12 +551,6 @@ def parse_sources(items):
     return named
 
 
-def open_source_is_base(path):
-    """Whether a checkpoint is a base model (finetune_backbone.py)."""
-    ckpt = load_checkpoint(path)
-    return 'arch' in ckpt and not peers.is_peer_checkpoint(ckpt)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-lvw', default=None, help='LVW checkpoint (.pth in its run folder)')
@@ -606,12 +600,15 @@ def main(argv=None):
     for name in WORD_SOURCES:
         if getattr(args, name):
             sources.append(WordSource(name, getattr(args, name), device, dataset.classes, S))
-    if args.base or (args.test_atts and not any(open_source_is_base(p) for p in named.values())):
+    named_sources = [open_source(name, path, device, dataset, S, args.test_atts, s['gradcam_target'])
+                     for name, path in named.items()]
+    # -test_atts alone is a Grad-CAM source of its own unless a -source base model already uses it
+    if args.base or (args.test_atts and not any(isinstance(src, GradCamSource) for src in named_sources)):
         sources.append(GradCamSource(args.base, args.test_atts, device, dataset, S, s['gradcam_target']))
-    for name, path in named.items():
-        if name in [src.name for src in sources]:
-            raise config.UserError('-source %s: the name %r is already taken' % (name, name))
-        sources.append(open_source(name, path, device, dataset, S, args.test_atts, s['gradcam_target']))
+    for src in named_sources:
+        if src.name in [other.name for other in sources]:
+            raise config.UserError('-source %s: the name %r is already taken' % (src.name, src.name))
+        sources.append(src)
     tau = args.tau if args.tau is not None else im.pointing_tolerance(S)
     n_auc = len(indices) if args.auc_images is None else min(args.auc_images, len(indices))
     auc_indices = [indices[k] for k in evenly_spaced(len(indices), n_auc)] if n_auc else []

@@ -45,15 +45,19 @@ def load_base_model(path, device='cpu'):
     return model.to(device).eval(), ckpt
 
 
-def evaluate(model, loader, device):
+@torch.no_grad()
+def evaluate(model, loader, device, desc='test'):
+    """Test accuracy, mean cross entropy and time of a classifier returning logits (eval mode)."""
     model.eval()
-    correct = seen = 0
-    with torch.no_grad():
-        for images, labels in tqdm(loader, desc='test', leave=False, disable=None):
-            logits = model(normalize(images.to(device)))
-            correct += (logits.argmax(1).cpu() == labels).sum().item()
-            seen += labels.numel()
-    return correct / max(seen, 1)
+    loss, correct, seen = 0.0, 0, 0
+    start = time.time()
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits = model(normalize(images.to(device)))
+        labels = labels.to(device)
+        loss += F.cross_entropy(logits, labels, reduction='sum').item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+    return {'accuracy': correct / max(seen, 1), 'cross_entropy': loss / max(seen, 1), 'time': time.time() - start}
 
 
 def finetune(s, device, weights=None, log=print):
@@ -89,11 +93,11 @@ def finetune(s, device, weights=None, log=print):
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.numel()
         scheduler.step()
-        accuracy = evaluate(model, test_loader, device)
+        accuracy = evaluate(model, test_loader, device)['accuracy']
         log('finetune epoch %d | time %.1fs | loss %.4f | train acc %.2f%% | test acc %.2f%%'
             % (epoch, time.time() - start, total_loss / max(seen, 1), 100 * correct / max(seen, 1), 100 * accuracy))
     if epochs == 0:
-        accuracy = evaluate(model, test_loader, device)
+        accuracy = evaluate(model, test_loader, device)['accuracy']
     return model, accuracy, train_set.classes, source
 
 

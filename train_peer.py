@@ -15,12 +15,12 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
 import peers
 from checkpoint import CheckpointKeeper, checkpoint_name
+from finetune_backbone import evaluate
 from image_data import ImageDataset, check_same_classes, make_loader, normalize
 from main import RunLog, seed_everything
 from peers import common
@@ -62,21 +62,6 @@ def train_one_epoch(model, method, loader, optimizer, device, s, desc=''):
     metrics = {name: total.item() / max(n_batches, 1) for name, total in sums.items()}
     metrics.update(accuracy=float(correct) / max(seen, 1), time=time.time() - start)
     return metrics
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, desc='test'):
-    """Test accuracy and mean cross entropy of a classifier returning logits."""
-    model.eval()
-    loss, correct, seen = 0.0, 0, 0
-    start = time.time()
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
-        logits = model(normalize(images.to(device)))
-        labels = labels.to(device)
-        loss += F.cross_entropy(logits, labels, reduction='sum').item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.numel()
-    return {'cross_entropy': loss / max(seen, 1), 'accuracy': correct / max(seen, 1), 'time': time.time() - start}
 
 
 def format_metrics(m):
