@@ -8,10 +8,12 @@ A checkpoint is a dict of plain types and tensors, so `torch.load(path, weights_
     + any extra entries (epoch, accuracy, kind, ...)
 """
 import os
+import pickle
+import zipfile
 
 import torch
 
-from config import UserError, atomic_write, default_settings, finish_settings, to_jsonable, versions
+from config import UserError, atomic_write, default_settings, finish_settings, one_line, to_jsonable, versions
 
 
 def unwrap(model):
@@ -26,16 +28,106 @@ def save_checkpoint(model, path, settings, class_names, **extra):
     return path
 
 
-def load_checkpoint(path):
+def unreadable_reason(path, err):
+    """Why torch.load failed on `path`, in words a user can act on (one line)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 'the file is empty (0 bytes)'
+    with open(path, 'rb') as f:
+        head = f.read(6)
+    if head == b'\x93NUMPY':
+        return 'it is a NumPy .npy array, not a PyTorch file'
+    if head.startswith(b'PK'):
+        if not zipfile.is_zipfile(path):
+            return 'it is truncated or corrupt (an incomplete zip archive of %d bytes; copy or save it again)' % size
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith('/data.pkl') for n in z.namelist()):
+                return 'it is a zip archive (an .npz?), not a PyTorch file'
+    if isinstance(err, pickle.UnpicklingError) and 'weights only' in str(err).lower():
+        return ('it holds pickled Python objects, not plain tensors (a whole model saved by other code?); '
+                'only files saved as plain tensors and types are read')
+    first = one_line(str(err)).split('. ')[0].strip()
+    return '%s%s' % (type(err).__name__, ': ' + first[:200] if first else '')
+
+
+def torch_load(path, what='checkpoint'):
+    """torch.load(weights_only=True) of `path` on the CPU; a missing or unreadable file is one
+    UserError line naming it."""
     if not os.path.isfile(path):
-        raise UserError('checkpoint not found: %s' % path)
+        raise UserError('%s not found: %s' % (what, path))
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # truncated file, pickled model from the reference code, ...
-        raise UserError('cannot read checkpoint %s: %s' % (path, str(err).splitlines()[0])) from None
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'settings' not in ckpt:
-        raise UserError('%s is not a checkpoint of this project (no state_dict and settings)' % path)
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # noqa: BLE001 - empty, truncated, .npy/.npz, pickled objects, ...
+        raise UserError('cannot read %s %s: %s' % (what, path, unreadable_reason(path, err))) from None
+
+
+def load_checkpoint(path):
+    """A checkpoint written by this project's scripts (any kind: see checkpoint_kind)."""
+    ckpt = torch_load(path, 'checkpoint')
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        raise UserError('%s is a bare state_dict (e.g. ImageNet weights), not a checkpoint written by this '
+                        "project's scripts" % path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict) \
+            or not isinstance(ckpt.get('settings'), dict) or not isinstance(ckpt.get('class_names'), (list, tuple)):
+        raise UserError('%s is not a checkpoint of this project (no state_dict, settings and class_names)' % path)
     return ckpt
+
+
+# kind -> (what it is, the script that writes it)
+KINDS = {'base': ('a base-model checkpoint', 'finetune_backbone.py'),
+         'peer': ('a peer-method checkpoint', 'train_peer.py'),
+         'words': ('an LVW checkpoint', 'main.py')}
+
+
+def checkpoint_kind(ckpt):
+    """'base' (finetune_backbone.py: has 'arch'), 'peer' (train_peer.py: has 'method') or
+    'words' (main.py: LVW or ProtoPNet mode)."""
+    if 'arch' in ckpt:
+        return 'base'
+    if 'method' in ckpt:
+        return 'peer'
+    return 'words'
+
+
+def describe_kind(ckpt):
+    """'a base-model checkpoint (finetune_backbone.py)' and the like, for messages."""
+    kind = checkpoint_kind(ckpt)
+    what, script = KINDS[kind]
+    if kind == 'peer':
+        what = 'a %s checkpoint' % ckpt['method']
+    elif kind == 'words' and ckpt['settings'].get('class_specific'):
+        what = 'a ProtoPNet-mode checkpoint'
+    return '%s (%s)' % (what, script)
+
+
+def require_kind(ckpt, path, wanted, script):
+    """Refuse a checkpoint of another kind than `wanted` (a kind or a tuple of kinds) with one line:
+    '<path> is a base-model checkpoint (finetune_backbone.py); eval_iou.py needs an LVW checkpoint (main.py)'."""
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    if checkpoint_kind(ckpt) not in wanted:
+        needs = ' or '.join('%s (%s)' % KINDS[k] for k in wanted)
+        raise UserError('%s is %s; %s needs %s' % (path, describe_kind(ckpt), script, needs))
+    return ckpt
+
+
+def state_mismatch(own, state):
+    """The first difference between two state_dicts as words, or None when they fit."""
+    for key, value in state.items():
+        if key not in own:
+            return 'unexpected key %r' % key
+        if tuple(value.shape) != tuple(own[key].shape):
+            return 'key %r has shape %s, expected %s' % (key, tuple(value.shape), tuple(own[key].shape))
+    missing = next((key for key in own if key not in state), None)
+    return None if missing is None else 'missing key %r' % missing
+
+
+def load_state(model, ckpt, path):
+    """model.load_state_dict(ckpt['state_dict']); a mismatch is one line naming the file."""
+    problem = state_mismatch(model.state_dict(), ckpt['state_dict'])
+    if problem:
+        raise UserError('%s does not fit the model its settings describe: %s' % (path, problem))
+    model.load_state_dict(ckpt['state_dict'])
+    return model
 
 
 def checkpoint_settings(ckpt, overrides=None):
@@ -46,12 +138,12 @@ def checkpoint_settings(ckpt, overrides=None):
     return finish_settings(merged)
 
 
-def model_from_checkpoint(ckpt, device='cpu', overrides=None):
+def model_from_checkpoint(ckpt, device='cpu', overrides=None, path='the checkpoint'):
     """Rebuild the LVW network from what the checkpoint stores (not from the current settings.py)."""
     from model import build_model
     s = checkpoint_settings(ckpt, overrides)
     model = build_model(dict(s, pretrained=False), log=lambda *_: None)
-    model.load_state_dict(ckpt['state_dict'])
+    load_state(model, ckpt, path)
     return model.to(device).eval(), s
 
 
@@ -86,3 +178,14 @@ class CheckpointKeeper:
                     os.remove(old)
             self.saved = [item for item in self.saved if item[0] in newest]
         return path
+
+    def state(self):
+        """The files kept and the best, by file name (for last.pth)."""
+        name = os.path.basename
+        return {'saved': [[name(p), a] for p, a in self.saved],
+                'best': [name(self.best[0]), self.best[1]] if self.best else None}
+
+    def load_state(self, state):
+        join = lambda n: os.path.join(self.folder, n)
+        self.saved = [(join(n), a) for n, a in state['saved']]
+        self.best = (join(state['best'][0]), state['best'][1]) if state['best'] else None

@@ -2,7 +2,8 @@
 
 Resolution order: the module-level names of settings.py, then `settings.presets[dataset]`, then
 `-set NAME=VALUE` overrides. Derived names (train_dir, test_dir, train_push_dir, push_epochs) are
-filled in last, so an override of data_path or num_train_epochs carries through.
+filled in last, so an override of data_path or num_train_epochs carries through. Every value is
+checked first against its rule in settings_rules.py (also for the settings stored in checkpoints).
 """
 import ast
 import json
@@ -23,8 +24,21 @@ def run_cli(main_fn, argv=None):
     try:
         return main_fn(argv)
     except UserError as err:
-        print('error: %s' % err, file=sys.stderr)
+        print('error: %s' % one_line(str(err)), file=sys.stderr)
         sys.exit(2)
+    except PermissionError as err:  # an output folder that is not writable, found late
+        print('error: permission denied: %s' % (err.filename or err), file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(message):
+    """The user's line of an error message. A UserError raised in a DataLoader worker comes back
+    wrapped in the worker's traceback; its own message is the last line, after 'UserError: '."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    last = lines[-1]
+    return last.split(': ', 1)[1] if last.split(': ', 1)[0].endswith('Error') and ': ' in last else last
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -103,7 +117,12 @@ def resolve_settings(dataset=None, overrides=()):
 
 
 def finish_settings(s):
-    """Fill the derived names and check the values that would otherwise fail deep inside a run."""
+    """Check every value (settings_rules.RULES, then the checks across names) and fill the derived
+    names; also applied to the settings stored in checkpoints."""
+    from settings_rules import RULES  # the table imports the rule helpers below
+    for name, rule in RULES.items():
+        if name in s:
+            rule(name, s[name], s)
     s = dict(s)
     join = lambda root, sub: os.path.join(root, sub, '')
     s['train_dir'] = s['train_dir'] or join(s['data_path'], 'train')
@@ -113,30 +132,107 @@ def finish_settings(s):
         s['push_epochs'] = [e for e in range(s['num_train_epochs']) if e % s['push_interval'] == 0]
     s['push_epochs'] = sorted(int(e) for e in s['push_epochs'])
     s['prototype_shape'] = tuple(int(v) for v in s['prototype_shape'])
-    if len(s['prototype_shape']) != 4 or s['prototype_shape'][2:] != (1, 1):
-        raise UserError('prototype_shape must be (P, D, 1, 1), got %r' % (s['prototype_shape'],))
     if s['prototype_shape'][0] < s['num_classes']:
-        raise UserError('prototype_shape has %d words for %d classes; need at least one per class'
-                        % (s['prototype_shape'][0], s['num_classes']))
-    if not 1 <= s['topk'] <= s['prototype_shape'][0]:
-        raise UserError('topk must be between 1 and the number of words (%d), got %r'
+        raise UserError('setting prototype_shape must have at least one word per class (num_classes is %d), got %r'
+                        % (s['num_classes'], s['prototype_shape']))
+    if s['topk'] > s['prototype_shape'][0]:
+        raise UserError('setting topk must be between 1 and the number of words (%d), got %r'
                         % (s['prototype_shape'][0], s['topk']))
-    choices = {
-        'prototype_activation_function': ('log', 'linear'),
-        'add_on_layers_type': ('regular', 'bottleneck'),
-        'attention_flip': ('joint', 'double'),
-        'train_map_interpolation': ('bilinear', 'bicubic'),
-        'eval_map_interpolation': ('bilinear', 'bicubic'),
-        'train_map_normalisation': ('max', 'minmax'),
-        'eval_map_normalisation': ('max', 'minmax'),
-        'gradcam_target': ('pred', 'label'),
-    }
-    for name, allowed in choices.items():
-        if s[name] not in allowed:
-            raise UserError('%s must be one of %s, got %r' % (name, ', '.join(allowed), s[name]))
-    if s['img_size'] < 32:
-        raise UserError('img_size must be at least 32 pixels, got %r' % s['img_size'])
     return s
+
+
+# ---- rules for settings_rules.RULES --------------------------------------------------------------
+# Each helper makes a rule(name, value, s) that raises UserError('setting NAME must be WHAT, got
+# VALUE'). Whole numbers are ints (not floats, not bools); numbers are finite ints or floats.
+
+def _bad(name, expected, value):
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + '...'
+    raise UserError('setting %s must be %s, got %s' % (name, expected, shown))
+
+
+_is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+
+def _scalar(expected, ok, none=False):
+    """The rule 'ok(value)' (or value is None, with none=True), described as `expected`."""
+    expected = 'None or ' + expected if none else expected
+
+    def rule(name, value, s):
+        if not ((none and value is None) or ok(value)):
+            _bad(name, expected, value)
+    return rule
+
+
+def _range(kind, test, lo, hi, above, none=False):
+    """`kind` values v with test(v) in [lo, hi] (either end None: open; above=True excludes lo)."""
+    text = (' in %s%s, %s]' % ('(' if above else '[', lo, hi) if lo is not None and hi is not None else
+            ' %s %s' % ('>' if above else '>=', lo) if lo is not None else ' <= %s' % hi if hi is not None else '')
+    ok = lambda v: test(v) and (lo is None or v > lo or (v == lo and not above)) and (hi is None or v <= hi)
+    return _scalar(kind + text, ok, none)
+
+
+def _int(lo=None, hi=None, none=False):
+    return _range('a whole number', _is_int, lo, hi, False, none)
+
+
+def _number(lo=None, hi=None, above=False):
+    return _range('a number', lambda v: isinstance(v, float) and abs(v) < float('inf') or _is_int(v), lo, hi, above)
+
+
+def _choice(*options):
+    return _scalar('one of ' + ', '.join(map(repr, options)),
+                   lambda v: any(type(v) is type(o) and v == o for o in options))  # 1.0 and True are not 1
+
+
+_bool = _scalar('True or False', lambda v: isinstance(v, bool))
+
+
+def _text(none=False):
+    return _scalar('a non-empty string', lambda v: isinstance(v, str) and v != '', none)
+
+
+def _folder(none=False):
+    """A plain folder name: joined to saved_models/<arch>/, it must stay inside that folder."""
+    ok = lambda v: (isinstance(v, str) and v not in ('', '.', '..') and not v[0].isspace() and v[0] != '-'
+                    and not any(c in v for c in ('/', '\\', '\0', os.sep, os.altsep or '/')))
+    return _scalar("a plain folder name (no '/', not '.' or '..', not empty or starting with '-' or a space)",
+                   ok, none)
+
+
+def _list(item, none=False):
+    """A list or tuple whose entries NAME[i] pass `item`."""
+    def rule(name, value, s):
+        if not (none and value is None or isinstance(value, (list, tuple))):
+            _bad(name, 'None or a list' if none else 'a list', value)
+        for i, v in enumerate(value or ()):
+            item('%s[%d]' % (name, i), v, s)
+    return rule
+
+
+def _dict(keys, item):
+    """A dict with exactly `keys`, whose values NAME[key] pass `item`."""
+    expected = 'a dict with exactly the keys ' + ', '.join(map(repr, keys))
+
+    def rule(name, value, s):
+        found = value if isinstance(value, dict) else {}
+        wrong = ['%s %s' % (what, ', '.join(map(repr, ks))) for what, ks in (
+            ('missing', [k for k in keys if k not in found]), ('unknown', [k for k in found if k not in keys])) if ks]
+        if not isinstance(value, dict) or wrong:
+            _bad(name, expected + (' (%s)' % '; '.join(wrong) if wrong else ''), value)
+        for k in keys:
+            item('%s[%r]' % (name, k), value[k], s)
+    return rule
+
+
+def _epochs_before(limit):  # None, or a list of epochs in [0, s[limit])
+    def rule(name, value, s):
+        epoch = _scalar('an epoch in [0, %d) as %s is %d' % (s[limit], limit, s[limit]),
+                        lambda v: _is_int(v) and 0 <= v < s[limit])
+        _list(epoch, none=True)(name, value, s)
+    return rule
+
+
+_shape = _scalar('(P, D, 1, 1) with whole numbers P, D >= 1', lambda v: isinstance(v, (list, tuple)) and len(v) == 4
+                 and all(_is_int(x) and x >= 1 for x in v) and tuple(v[2:]) == (1, 1))
 
 
 def add_settings_args(parser):
@@ -175,11 +271,14 @@ def gpu_ids(device, gpuid):
 
 # ---- files --------------------------------------------------------------------------------------
 
+TMP_SUFFIX = '.tmp'
+
+
 def atomic_write(path, write_fn, mode='w'):
     """Write via `write_fn(file)` to a temporary file beside `path`, then rename over it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
@@ -205,15 +304,92 @@ def save_json(obj, path):
     atomic_write(path, lambda f: json.dump(to_jsonable(obj), f, indent=1, sort_keys=True))
 
 
-def prepare_run_dir(folder, overwrite, name_setting):
-    """Make the run folder; one that already holds a run is replaced only with `overwrite`."""
-    import shutil
-    if os.path.isdir(folder) and any(f.endswith('.pth') or f == 'settings.json' for f in os.listdir(folder)):
-        if not overwrite:
-            raise UserError('%s already holds a run; choose another %s (-set %s=NAME) or pass -overwrite'
-                            % (folder, name_setting, name_setting))
-        shutil.rmtree(folder)
-    os.makedirs(folder, exist_ok=True)
+def remove_stale_tmp(folder, log=None):
+    """Delete the hidden temporary files (.<name>.<random>.tmp) that a write killed midway left
+    in `folder`; returns their names."""
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(f for f in os.listdir(folder) if f.startswith('.') and f.endswith(TMP_SUFFIX))
+    for name in stale:
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:
+            pass
+    if stale and log:
+        log('removed %d temporary file(s) left by an interrupted write in %s' % (len(stale), folder))
+    return stale
+
+
+def check_writable(folder):
+    """Refuse, before any work, an output folder that cannot be made or written to. The folder is
+    created if missing; nothing else is left behind."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-check.', suffix=TMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UserError('cannot write to the output folder %s (%s)' % (folder, err.strerror or err)) from None
+
+
+def move_aside(path, log=print):
+    """Rename `path` (a run folder or a file) to <path>.replaced-<YYYYmmdd-HHMMSS>[-n] beside it,
+    never deleting anything; returns the new path."""
+    import time
+    stem, ext = (path.rstrip(os.sep), '') if os.path.isdir(path) else os.path.splitext(path)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    target, n = '%s.replaced-%s%s' % (stem, stamp, ext), 1
+    while os.path.exists(target):
+        n += 1
+        target = '%s.replaced-%s-%d%s' % (stem, stamp, n, ext)
+    os.replace(path, target)
+    log('-overwrite: moved the earlier %s to %s' % (path, target))
+    return target
+
+
+LAST_STATE = 'last.pth'
+
+
+def holds_run(folder):
+    """True when `folder` holds something of a run worth keeping: a checkpoint (any .pth, last.pth
+    included) or a finished run's summary. Logs alone, from a start that failed before its first
+    pass, do not count."""
+    return os.path.isdir(folder) and any(f.endswith('.pth') or f == 'run_summary.json' for f in os.listdir(folder))
+
+
+def run_dir_action(folder, overwrite, resume, name_setting):
+    """What to do with the run folder, decided before any input is read (nothing is written):
+    'new' (empty or missing), 'replace' (-overwrite: move the old run aside), 'resume' (-resume
+    and a last.pth), 'finished' (-resume of a run that has finished).
+
+    -resume with no last.pth and no checkpoints starts the run, so the same command serves the
+    first try and every retry; a folder holding a run is never touched without -overwrite/-resume.
+    """
+    if overwrite and resume:
+        raise UserError('-overwrite and -resume exclude each other')
+    has_state = os.path.isfile(os.path.join(folder, LAST_STATE))
+    if resume and has_state:
+        return 'resume'
+    if not holds_run(folder):
+        return 'new'
+    if resume:
+        if os.path.isfile(os.path.join(folder, 'run_summary.json')):
+            return 'finished'
+        raise UserError('%s holds checkpoints but no %s to resume from (a run from before -resume existed); '
+                        'pass -overwrite to move it aside and start again' % (folder, LAST_STATE))
+    if not overwrite:
+        raise UserError('%s already holds a run; pass -resume to continue it, -overwrite to move it aside, '
+                        'or choose another %s (-set %s=NAME)' % (folder, name_setting, name_setting))
+    return 'replace'
+
+
+def prepare_run_dir(folder, action, log=print):
+    """Act on `run_dir_action`'s decision once every input has been checked: move an old run aside
+    ('replace'), make sure the folder is writable, and remove what a killed write left behind."""
+    if action == 'replace':
+        move_aside(folder, log)
+    check_writable(folder)
+    remove_stale_tmp(folder, log)
 
 
 def run_dir(s):

@@ -87,7 +87,7 @@ def main(argv=None):
     except (ValueError, FileExistsError) as err:
         raise config.UserError(str(err)) from None
     log('2/5 fine-tune the base model')
-    base = finetune_backbone.main(['-dataset', 'toy'])
+    base = finetune_backbone.main(['-dataset', 'toy', '-overwrite'])
     log('3/5 Grad-CAM of the base model')
     gradcam_extract.main(['-dataset', 'toy'])
     log('4/5 + 5/5 train LVW and measure IoU')

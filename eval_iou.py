@@ -12,6 +12,7 @@ IoU = (|B_G & B_A| + 1e-6) / (|B_G | B_A| + 1e-6). Prints `test iou: <mean over 
 -region top: mask = value > q, the region the map points at. At -thr 50 both give the same IoU
 unless a map has ties at its median (Grad-CAM maps often have many exact zeros).
 The model is rebuilt from the checkpoint, not from the current settings.py.
+Writes the per-image IoUs beside the checkpoint, as <checkpoint stem>_<maps stem>_iou_thr<thr>_<region>.csv.
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import config
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, require_kind
 from image_data import ImageDataset, check_same_classes, make_loader, normalize
 from train_and_test import word_attention_map
 
@@ -61,6 +62,21 @@ def evaluate_iou(model, loader, device, s, thr, region='low'):
     return torch.cat(ious), torch.cat(predictions)
 
 
+def check_thr(thr):
+    """Refuse percentiles outside (0, 100): at 100 every map binarises to all-ones (IoU 1 for any model)."""
+    if 0 < thr < 100:
+        return
+    why = {0: ' (at 0 a mask keeps only each map\'s minimum, or all but it)',
+           100: ' (at 100 every map binarises to all-ones and the IoU is 1 for any model)'}.get(thr, '')
+    raise config.UserError('-thr must be a percentile strictly between 0 and 100, got %g%s' % (thr, why))
+
+
+def csv_name(model, maps, thr, region):
+    """<checkpoint stem>_<maps stem>_iou_thr<thr>_<region>.csv: one file per checkpoint and map file."""
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0]
+    return '%s_%s_iou_thr%g_%s.csv' % (stem(model), stem(maps), thr, region)
+
+
 def write_csv(path, rows, header):
     config.atomic_write(path, lambda f: f.write(','.join(header) + '\n' + ''.join(','.join(map(str, r)) + '\n' for r in rows)))
 
@@ -70,32 +86,34 @@ def main(argv=None):
     parser.add_argument('-modeldir', required=True, help='run folder, saved_models/<arch>/<experiment_run>')
     parser.add_argument('-model', required=True, help='checkpoint file name inside -modeldir')
     parser.add_argument('-test_atts', required=True, help='Grad-CAM maps of the test images (.npy)')
-    parser.add_argument('-thr', type=float, default=50, help='percentile threshold, 0-100 (default 50)')
+    parser.add_argument('-thr', type=float, default=50,
+                        help='percentile threshold, strictly between 0 and 100 (default 50)')
     parser.add_argument('-region', default='low', choices=('low', 'top'))
     parser.add_argument('-batch_size', type=int, default=None, help='default: the run\'s test_batch_size')
     parser.add_argument('-set', nargs='+', default=[], metavar='NAME=VALUE',
                         help='override the checkpoint\'s settings, e.g. test_dir=... eval_map_interpolation=bilinear')
     config.add_device_args(parser)
     args = parser.parse_args(argv)
-    if not 0 <= args.thr <= 100:
-        raise config.UserError('-thr must be a percentile between 0 and 100, got %g' % args.thr)
-    ckpt = load_checkpoint(os.path.join(args.modeldir, args.model))
+    check_thr(args.thr)
+    path = os.path.join(args.modeldir, args.model)
+    ckpt = require_kind(load_checkpoint(path), path, 'words', 'eval_iou.py')
     overrides = config.parse_overrides(args.set, ckpt['settings'])
     device = config.pick_device(args.device, args.gpuid)
-    model, s = model_from_checkpoint(ckpt, device, overrides)
+    model, s = model_from_checkpoint(ckpt, device, overrides, path)
     dataset = ImageDataset(s['test_dir'], s['img_size'], attention=args.test_atts)
     check_same_classes(ckpt['class_names'], dataset.classes, args.model, s['test_dir'])
+    out_dir = os.path.dirname(path) or '.'  # the CSV goes beside the checkpoint
+    config.check_writable(out_dir)  # refused now, not after the work
     loader = make_loader(dataset, args.batch_size or s['test_batch_size'], False, s['num_workers'], device)
     ious, predictions = evaluate_iou(model, loader, device, s, args.thr, args.region)
     labels = [label for _, label in dataset.samples]
     accuracy = float((predictions == torch.tensor(labels)).float().mean())
-    stem = os.path.splitext(args.model)[0]
-    out = os.path.join(args.modeldir, '%s_iou_thr%g_%s.csv' % (stem, args.thr, args.region))
-    write_csv(out, [(p, l, int(pr), '%.6f' % v) for p, l, pr, v in zip(dataset.paths, labels, predictions, ious.tolist())],
-              ('path', 'label', 'predicted', 'iou'))
     mean = float(ious.mean())
     print('test accuracy: %.4f' % accuracy)
     print('test iou: %.4f' % mean)
+    out = os.path.join(out_dir, csv_name(args.model, args.test_atts, args.thr, args.region))
+    write_csv(out, [(p, l, int(pr), '%.6f' % v) for p, l, pr, v in zip(dataset.paths, labels, predictions, ious.tolist())],
+              ('path', 'label', 'predicted', 'iou'))
     print('per-image IoUs: %s' % out)
     return {'iou': mean, 'accuracy': accuracy, 'csv': out, 'ious': ious.numpy()}
 

@@ -19,17 +19,21 @@ word model; -lvw / -protopnet / -base name theirs lvw, protopnet, gradcam:
                     settings.gradcam_target)
     peers           peers.<method>.explain of a train_peer.py checkpoint (SCOUTER+/-, GC, LFI-CAM)
 
-Metrics (interp_metrics.py, word_metrics.py; each entry of metrics.json states its averaging and
-parameters):
+Metrics (interp_metrics.py, perturbation_metrics.py, word_metrics.py; each entry of metrics.json
+states its averaging and parameters):
     test accuracy     of the source's model (the base model for Grad-CAM)
     IoU with Grad-CAM eval_iou.py's IoU at thr 50 against the Grad-CAM source, image mean
     area size, precision   SCOUTER's: mean map value; map mass inside the object mask's bounding box
     pointing game     argmax of the map within tau of the `object` mask (strict <), tau = 15 px at 224
-                      scaled with S; class mean over all classes (TorchRay); image mean also given
-    stochastic PG     100 pixels drawn from the sum-normalised map, hit % per image, image mean;
-                      image i draws from a generator seeded with seed + i (its test-set index)
+                      scaled with S; an empty mask is a miss (TorchRay); class mean over the classes
+                      present among the images evaluated (all of them unless -max_images leaves some
+                      out; TorchRay's mean over all classes, absent = 0, is kept beside it); image mean
+    stochastic PG     100 pixels drawn from the sum-normalised map, hit % per image (0 for an empty
+                      mask), image mean; image i draws from a generator seeded with seed + i (its
+                      test-set index)
     content heatmap   % of the map's mass inside the mask, image mean
-    per part (toy)    pointing game and content heatmap against each part mask
+    per part (toy)    pointing game and content heatmap against each part mask (pointing game: over
+                      the images that have the part)
     insertion / deletion AUC   RISE style (blurred start 11/5 | zero in normalised space, step
                       pixels per step in decreasing map order), scored with the source's own model
                       softmax for the class it predicts on the clean image (word maps: their word
@@ -39,6 +43,7 @@ parameters):
     word models       classes per word from the last layer (W > 0 and >= 0.5 max); part purity of
                       each word's -purity_n top-activating test locations (toy parts); distinct
                       true classes among those locations' images
+A map holding NaN or inf stops the run with an error naming the source and the test image.
 Writes <out>/metrics.json and <out>/metrics.md (default out: <run of the first word or peer model>/metrics/,
 or analysis/<dataset>_metrics/).
 """
@@ -56,10 +61,11 @@ import torch.nn.functional as F
 import config
 import interp_metrics as im
 import peers
+import perturbation_metrics as pert
 import word_metrics as wm
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_kind, load_checkpoint, model_from_checkpoint, require_kind
 from eval_iou import map_iou
-from image_data import ImageDataset, check_same_classes, normalize, open_attention_maps
+from image_data import ImageDataset, check_same_classes, normalize, npy_problem, open_attention_maps, open_npz
 from train_and_test import word_attention_map
 
 MASK_SUFFIX = '.masks.npz'
@@ -104,7 +110,7 @@ def load_masks(image_paths, size, folder=''):
     objects, parts, names = [], [], None
     for n, path in enumerate(image_paths):
         try:
-            with np.load(mask_path(path)) as z:
+            with open_npz(mask_path(path), 'mask file') as z:
                 if 'object' not in z:
                     raise config.UserError('%s has no `object` mask' % mask_path(path))
                 objects.append(_resize_bool(np.asarray(z['object']), size))
@@ -115,8 +121,11 @@ def load_masks(image_paths, size, folder=''):
                     parts.append(np.stack([_resize_bool(np.asarray(m), size) for m in z['parts']]))
                 else:
                     parts = None  # parts only when every image has the same ones
-        except (OSError, ValueError) as err:
-            raise config.UserError('cannot read %s: %s' % (mask_path(path), err)) from None
+        except config.UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a corrupt member: zlib, zip, pickle or shape errors
+            reason = npy_problem(mask_path(path), err, '.npz')
+            raise config.UserError('cannot read mask file %s: %s' % (mask_path(path), reason)) from None
     out = {'object': torch.from_numpy(np.stack(objects)), 'parts': None, 'part_names': None}
     if parts and len(parts) == len(image_paths):
         out['parts'] = torch.from_numpy(np.stack(parts))
@@ -138,9 +147,9 @@ class WordSource:
 
     def __init__(self, name, path, device, classes, img_size):
         self.name, self.path = name, path
-        ckpt = load_checkpoint(path)
+        ckpt = require_kind(load_checkpoint(path), path, 'words', 'eval_metrics.py -%s' % name)
         check_same_classes(ckpt['class_names'], classes, path, 'the test set')
-        self.model, self.s = model_from_checkpoint(ckpt, device)
+        self.model, self.s = model_from_checkpoint(ckpt, device, path=path)
         if self.s['img_size'] != img_size:
             raise config.UserError('%s was trained at %d px but the test set is read at %d px (-set img_size=%d)'
                                    % (path, self.s['img_size'], img_size, self.s['img_size']))
@@ -168,7 +177,7 @@ class GradCamSource:
         self.path = base_path
         if base_path:
             from finetune_backbone import load_base_model
-            self.model, ckpt = load_base_model(base_path, device)
+            self.model, ckpt = load_base_model(base_path, device, 'eval_metrics.py -base')
             check_same_classes(ckpt['class_names'], dataset.classes, base_path, 'the test set')
             if ckpt.get('img_size') not in (None, img_size):
                 raise config.UserError('%s was trained at %s px but the test set is read at %d px'
@@ -201,7 +210,7 @@ class PeerSource:
     def __init__(self, name, path, ckpt, device, classes, img_size):
         self.name, self.path = name, path
         check_same_classes(ckpt['class_names'], classes, path, 'the test set')
-        self.model, self.s, self.method = peers.peer_from_checkpoint(ckpt, device)
+        self.model, self.s, self.method = peers.peer_from_checkpoint(ckpt, device, path, 'eval_metrics.py -source')
         if self.s['img_size'] != img_size:
             raise config.UserError('%s was trained at %d px but the test set is read at %d px (-set img_size=%d)'
                                    % (path, self.s['img_size'], img_size, self.s['img_size']))
@@ -223,9 +232,9 @@ def open_source(name, path, device, dataset, img_size, test_atts=None, target='p
     a base model (`arch`, from finetune_backbone.py: its Grad-CAM, from test_atts when given) or
     a word model (LVW or ProtoPNet mode)."""
     ckpt = load_checkpoint(path)
-    if peers.is_peer_checkpoint(ckpt):
+    if checkpoint_kind(ckpt) == 'peer':
         return PeerSource(name, path, ckpt, device, dataset.classes, img_size)
-    if 'arch' in ckpt:
+    if checkpoint_kind(ckpt) == 'base':
         source = GradCamSource(path, test_atts, device, dataset, img_size, target)
         source.name = name
         return source
@@ -242,6 +251,25 @@ def spg_per_image(maps, masks, tau, num_samples, seed, indices):
         out[j] = float(im.stochastic_pointing_game(maps[j:j + 1], masks[j:j + 1], tau, num_samples,
                                                    seed=seed + int(i))[0])
     return out
+
+
+def refuse_nonfinite_maps(name, maps, idx, dataset, test_dir):
+    """Refuse a source's maps holding NaN or inf, once, before any metric sees them: such a map
+    has no argmax, pixel order or distribution (interp_metrics.check_finite_maps), and the user
+    needs the source and the image, not a ValueError from whichever metric meets it first."""
+    j = im.first_nonfinite_map(maps)
+    if j is not None:
+        path = os.path.relpath(dataset.samples[idx[j]][0], test_dir).replace(os.sep, '/')
+        raise config.UserError('source %s: the map of test image %s holds NaN or inf values' % (name, path))
+
+
+def part_pointing_hits(maps, part_mask, tau):
+    """Pointing game against one part mask, NaN (left out) for the images without that part.
+    Unlike the object game (an empty object mask is a miss), a part missing from an image is not
+    a target there, as TorchRay only plays a class in the images that contain it."""
+    hits = im.pointing_game_hits(maps, part_mask, tau).double()
+    has_part = part_mask.flatten(1).any(dim=1)
+    return torch.where(has_part, hits, torch.full_like(hits, float('nan'))).cpu()
 
 
 def word_maxima(sim_maps, size, interpolation, max_elements=1 << 24):
@@ -270,6 +298,28 @@ def _entry(value, averaging, params, n, **extra):
     out = {'value': value, 'averaging': averaging, 'params': params, 'n': n}
     out.update(extra)
     return out
+
+
+def pointing_game_entry(summary, C, params):
+    """metrics.json's pointing game: the class mean over the classes present (mean_{c present}
+    hits_c / n_c), so that classes a -max_images subset drew no image of do not count as 0; TorchRay's
+    mean over all C classes (absent = 0) beside it, equal when every class is present."""
+    n_present = summary['n_classes_present']
+    return _entry(summary['class_mean_present'], 'class mean over the %d of %d classes present' % (n_present, C),
+                  params, summary['n_valid'], image_mean=summary['image_mean'], classes_present=n_present,
+                  class_mean_all_classes_torchray=summary['class_mean_all'],
+                  per_class=[v if p else None for v, p in zip(summary['per_class'].tolist(),
+                                                               summary['present'].tolist())])
+
+
+def log_absent_classes(labels, C, log):
+    """Say when the images evaluated miss whole classes: the pointing game's class mean is then
+    over fewer classes than the test set has."""
+    n_present = int((torch.bincount(labels, minlength=C) > 0).sum())
+    if n_present < C:
+        log('pointing game: the %d images evaluated cover %d of the %d classes; its class mean is over those %d '
+            '(TorchRay\'s mean over all %d, absent classes as 0, is reported beside it)'
+            % (len(labels), n_present, C, n_present, C))
 
 
 # ---- the evaluation -----------------------------------------------------------------------------------
@@ -308,6 +358,7 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
             else:
                 m, pred = src.batch(xn, y, idx)
             m = m.detach().float()
+            refuse_nonfinite_maps(src.name, m, idx, dataset, s['test_dir'])
             maps[src.name] = m
             r = per[src.name]
             r['pg'].append(im.pointing_game_hits(m, obj, tau).double().cpu())
@@ -316,8 +367,8 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
             r['pred'].append(pred.cpu() if pred is not None else None)
             if part_masks is not None:
                 pm = part_masks[start:start + len(idx)].to(device)
-                r['pg_part'].append(torch.stack([im.pointing_game_hits(m, pm[:, k], tau).double().cpu()
-                                                 for k in range(pm.shape[1])], dim=1))
+                r['pg_part'].append(torch.stack([part_pointing_hits(m, pm[:, k], tau) for k in range(pm.shape[1])],
+                                                dim=1))
                 r['ch_part'].append(torch.stack([im.content_heatmap(m, pm[:, k]).double().cpu()
                                                  for k in range(pm.shape[1])], dim=1))
         for name in names:
@@ -336,7 +387,9 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
         log('maps and pointing metrics: %d/%d images' % (min(start + batch_size, N), N))
     timing['maps_and_pointing'] = round(time.time() - t0, 1)
 
-    pg_params = {'tau_px': round(tau, 4), 'tau_rule': '15 px at 224 scaled with S', 'S': S, 'mask': 'object'}
+    pg_params = {'tau_px': round(tau, 4), 'tau_rule': '15 px at 224 scaled with S', 'S': S, 'mask': 'object',
+                 'empty_mask': 'miss (TorchRay)'}
+    log_absent_classes(labels, C, log)
     results = {}
     for src in sources:
         r = per[src.name]
@@ -345,9 +398,7 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
         spg, n_spg = im.image_mean(torch.cat(r['spg']))
         ch, n_ch = im.image_mean(torch.cat(r['ch']))
         metrics = {
-            'pointing_game': _entry(summary['class_mean_all'], 'class mean over all %d classes (TorchRay)' % C,
-                                    pg_params, summary['n_valid'], image_mean=summary['image_mean'],
-                                    per_class=summary['per_class'].tolist(), n_skipped=summary['n_skipped']),
+            'pointing_game': pointing_game_entry(summary, C, pg_params),
             'stochastic_pointing_game': _entry(spg, 'image mean of the per-image hit %', dict(
                 pg_params, samples=spg_samples, seed='seed + test-set index', base_seed=seed), n_spg),
             'content_heatmap': _entry(ch, 'image mean of the % of map mass inside the mask', {'mask': 'object'}, n_ch),
@@ -367,7 +418,8 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
             for k, part in enumerate(gt['part_names']):
                 v, n = im.image_mean(pg_part[:, k])
                 metrics['pointing_game_%s' % part] = _entry(v, 'image mean (images with the part)',
-                                                            dict(pg_params, mask='part %s' % part), n)
+                                                            dict(pg_params, mask='part %s' % part,
+                                                                 empty_mask='image left out'), n)
                 v, n = im.image_mean(ch_part[:, k])
                 metrics['content_heatmap_%s' % part] = _entry(v, 'image mean', {'mask': 'part %s' % part}, n)
         entry = {'map': src.description, 'checkpoint': src.path, 'metrics': metrics}
@@ -390,8 +442,8 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
             src.model.eval().to(memory_format=torch.channels_last)  # about 1.3x faster on CPU, same numbers
             scorer = '%s softmax' % ('the base model' if isinstance(src, GradCamSource) else 'its own model')
             m = keep_maps[src.name].to(device)
-            ins, ins_curves, _ = im.insertion_auc(src.predict_proba, images, m, step, auc_batch, return_curves=True)
-            dele, del_curves, _ = im.deletion_auc(src.predict_proba, images, m, step, auc_batch, return_curves=True)
+            ins, ins_curves, _ = pert.insertion_auc(src.predict_proba, images, m, step, auc_batch, return_curves=True)
+            dele, del_curves, _ = pert.deletion_auc(src.predict_proba, images, m, step, auc_batch, return_curves=True)
             v_ins, n_ins = im.image_mean(ins.cpu())
             v_del, n_del = im.image_mean(dele.cpu())
             params = dict(auc_params, scored_by=scorer, images='%d evenly spaced test images' % len(auc_pos))
@@ -482,6 +534,10 @@ def to_markdown(res):
     for key, label, better in HEADLINE:
         row(label, metric(key), better)
     row('pointing game (object), image mean', lambda src: src['metrics']['pointing_game'].get('image_mean'), 'higher')
+    pg = lambda src: src['metrics']['pointing_game']
+    if any(pg(src).get('classes_present', res['num_classes']) < res['num_classes'] for src in res['sources'].values()):
+        row('pointing game (object), TorchRay mean over all %d classes (absent = 0)' % res['num_classes'],
+            lambda src: pg(src).get('class_mean_all_classes_torchray'))
     for part in res.get('part_names') or []:
         row('pointing game, part %s' % part, metric('pointing_game_%s' % part))
         row('content heatmap, part %s, %%' % part, metric('content_heatmap_%s' % part))
@@ -609,6 +665,10 @@ def main(argv=None):
         if src.name in [other.name for other in sources]:
             raise config.UserError('-source %s: the name %r is already taken' % (src.name, src.name))
         sources.append(src)
+    first_word = next((src for src in sources if isinstance(src, (WordSource, PeerSource))), None)
+    out = args.out or (os.path.join(os.path.dirname(first_word.path), 'metrics') if first_word
+                       else os.path.join('analysis', '%s_metrics' % s['dataset']))
+    config.check_writable(out)  # before the work, not after it
     tau = args.tau if args.tau is not None else im.pointing_tolerance(S)
     n_auc = len(indices) if args.auc_images is None else min(args.auc_images, len(indices))
     auc_indices = [indices[k] for k in evenly_spaced(len(indices), n_auc)] if n_auc else []
@@ -617,10 +677,6 @@ def main(argv=None):
                    args.auc_batch, args.purity_n, args.batch_size, not args.no_parts, device)
     res['command'] = 'python eval_metrics.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     res['seconds']['wall'] = round(time.time() - start, 1)
-    first_word = next((src for src in sources if isinstance(src, (WordSource, PeerSource))), None)
-    out = args.out or (os.path.join(os.path.dirname(first_word.path), 'metrics') if first_word
-                       else os.path.join('analysis', '%s_metrics' % s['dataset']))
-    os.makedirs(out, exist_ok=True)
     config.save_json(res, os.path.join(out, 'metrics.json'))
     md = to_markdown(res)
     config.atomic_write(os.path.join(out, 'metrics.md'), lambda f: f.write(md))

@@ -8,7 +8,9 @@ Recipe (the reference does not publish one): Resize(S, S), random horizontal fli
 normalisation; Adam, lr finetune_lr for the backbone and 10x for the new head, cosine decay over
 finetune_epochs, batch finetune_batch_size. The final model is kept (no selection on the test set).
 Output: saved_models/base/<dataset>_<arch>.pth, a checkpoint with the state_dict, arch, classes,
-img_size and test accuracy, which gradcam_extract.py reads.
+img_size and test accuracy, which gradcam_extract.py reads. An existing output is kept unless
+-overwrite (which moves it aside); <out stem>.last.pth, written after every epoch, lets the same
+command with -resume continue an interrupted fine-tuning.
 """
 import argparse
 import os
@@ -20,8 +22,9 @@ import torchvision
 from tqdm import tqdm
 
 import config
-from checkpoint import load_checkpoint, save_checkpoint
-from image_data import ImageDataset, check_same_classes, make_loader, normalize
+import run_state
+from checkpoint import load_checkpoint, load_state, require_kind, save_checkpoint
+from image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
 from model import RESNETS, load_start_weights
 
 
@@ -35,13 +38,11 @@ def make_base_model(arch, num_classes):
     return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
 
-def load_base_model(path, device='cpu'):
-    """The fine-tuned classifier and its checkpoint dict (from finetune_backbone.py)."""
-    ckpt = load_checkpoint(path)
-    if 'arch' not in ckpt or 'class_names' not in ckpt:
-        raise config.UserError('%s is not a base model from finetune_backbone.py (no arch/class_names)' % path)
-    model = make_base_model(ckpt['arch'], len(ckpt['class_names']))
-    model.load_state_dict(ckpt['state_dict'])
+def load_base_model(path, device='cpu', script='gradcam_extract.py'):
+    """The fine-tuned classifier and its checkpoint dict (from finetune_backbone.py); any other
+    file is one UserError line naming it, and `script`, the one that needs the base model."""
+    ckpt = require_kind(load_checkpoint(path), path, 'base', script)
+    model = load_state(make_base_model(ckpt['arch'], len(ckpt['class_names'])), ckpt, path)
     return model.to(device).eval(), ckpt
 
 
@@ -60,14 +61,20 @@ def evaluate(model, loader, device, desc='test'):
     return {'accuracy': correct / max(seen, 1), 'cross_entropy': loss / max(seen, 1), 'time': time.time() - start}
 
 
-def finetune(s, device, weights=None, log=print):
-    """Train the base model; returns (model, test accuracy, classes, weights file used or None)."""
+def finetune(s, device, weights=None, log=print, state_file=None, state=None):
+    """Train the base model; returns (model, test accuracy, classes, weights file used or None).
+    With `state_file`, the resume state is written there after every epoch; a `state` read from it
+    continues after its epochs (its model, optimizer, scheduler and generators replace the new ones)."""
     torch.manual_seed(s['seed'])
     train_set = ImageDataset(s['train_dir'], s['img_size'], flip='joint')
     test_set = ImageDataset(s['test_dir'], s['img_size'])
     check_same_classes(train_set.classes, test_set.classes, s['train_dir'], s['test_dir'])
+    check_images(sorted({path for data in (train_set, test_set) for path, _ in data.samples}), s['image_check'],
+                 'train and test images')
     model = make_base_model(s['base_architecture'], len(train_set.classes))
-    source = load_start_weights(model, s['base_architecture'], s['pretrained'], weights, 'base model', log)
+    source = None
+    if state is None:
+        source = load_start_weights(model, s['base_architecture'], s['pretrained'], weights, 'base model', log)
     model.to(device)
     head = list(model.fc.parameters())
     head_ids = {id(p) for p in head}
@@ -78,8 +85,13 @@ def finetune(s, device, weights=None, log=print):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     train_loader = make_loader(train_set, s['finetune_batch_size'], True, s['num_workers'], device)
     test_loader = make_loader(test_set, s['test_batch_size'], False, s['num_workers'], device)
-    accuracy = 0.0
-    for epoch in range(epochs):
+    modules = {'model': model, 'optimizer': optimizer, 'scheduler': scheduler}
+    accuracy, done = 0.0, 0
+    if state is not None:
+        done = run_state.restore_state(state, modules)
+        accuracy, source = state['accuracy'], state['weights_source']
+        log('resumed from %s: %d of %d epochs done' % (state_file, done, epochs))
+    for epoch in range(done, epochs):
         model.train()
         start, total_loss, correct, seen = time.time(), 0.0, 0, 0
         for images, labels in tqdm(train_loader, desc='finetune epoch %d' % epoch, leave=False, disable=None):
@@ -96,6 +108,9 @@ def finetune(s, device, weights=None, log=print):
         accuracy = evaluate(model, test_loader, device)['accuracy']
         log('finetune epoch %d | time %.1fs | loss %.4f | train acc %.2f%% | test acc %.2f%%'
             % (epoch, time.time() - start, total_loss / max(seen, 1), 100 * correct / max(seen, 1), 100 * accuracy))
+        if state_file:
+            run_state.save_state(state_file, epoch + 1, modules, accuracy=accuracy, weights_source=source,
+                                 settings=config.to_jsonable(s))
     if epochs == 0:
         accuracy = evaluate(model, test_loader, device)['accuracy']
     return model, accuracy, train_set.classes, source
@@ -105,15 +120,37 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-weights', default=None, help='ImageNet state_dict (torchvision format) to start from')
     parser.add_argument('-out', default=None, help='output file (default saved_models/base/<dataset>_<arch>.pth)')
+    parser.add_argument('-overwrite', action='store_true', help='move an existing output file aside and train anew')
+    parser.add_argument('-resume', action='store_true',
+                        help='continue from <out>.last.pth after its last finished epoch (or start)')
     config.add_settings_args(parser)
     config.add_device_args(parser)
     args = parser.parse_args(argv)
     s = config.resolve_settings(args.dataset, args.set)
     device = config.pick_device(args.device, args.gpuid)
     out = args.out or default_base_model_path(s)
-    model, accuracy, classes, source = finetune(s, device, args.weights)
+    state_file = os.path.splitext(out)[0] + '.' + config.LAST_STATE
+    if args.overwrite and args.resume:
+        raise config.UserError('-overwrite and -resume exclude each other')
+    state = None
+    if args.resume and os.path.isfile(state_file):
+        state = run_state.load_state(state_file)
+        run_state.check_same_run(state['settings'], s, state_file)
+    elif os.path.exists(out) and not args.overwrite:
+        if args.resume:
+            print('-resume: %s exists, the fine-tuning has finished; nothing to do' % out)
+            return {'test_accuracy': load_checkpoint(out).get('test_accuracy'), 'path': out}
+        raise config.UserError('%s exists; pass -overwrite to move it aside and train anew, or choose -out' % out)
+    folder = os.path.dirname(os.path.abspath(out))
+    config.check_writable(folder)
+    config.remove_stale_tmp(folder)
+    model, accuracy, classes, source = finetune(s, device, args.weights, state_file=state_file, state=state)
+    if os.path.exists(out) and args.overwrite:
+        config.move_aside(out)
     save_checkpoint(model, out, s, classes, arch=s['base_architecture'], img_size=s['img_size'],
                     test_accuracy=accuracy, imagenet_weights=source)
+    if os.path.isfile(state_file):
+        os.remove(state_file)  # finished: the checkpoint is the result
     print('base model test accuracy: %.4f' % accuracy)
     print('saved %s' % out)
     return {'test_accuracy': accuracy, 'path': out}

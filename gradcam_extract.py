@@ -11,7 +11,8 @@ layer4[-1] (K channels, h x w):
 Target: the predicted class (default), or the true class with -target label.
 
 Writes <out_dir>/grad_<split>_<dataset>.npy (float32, (N, S, S)) and the sidecar
-grad_<split>_<dataset>.txt with each row's image path relative to the split folder.
+grad_<split>_<dataset>.txt: a checksum line of the array ('# maps crc32 <hex> shape N,S,S dtype
+float32', checked whenever the maps are opened), then each row's image path relative to the split folder.
 """
 import argparse
 import os
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 import config
 from finetune_backbone import default_base_model_path, load_base_model
-from image_data import ImageDataset, check_same_classes, make_loader, normalize, sidecar_path
+from image_data import (ImageDataset, MapChecksum, check_same_classes, checksum_line, make_loader, normalize,
+                        sidecar_path)
 
 
 def layer4_and_logits(model, x):
@@ -71,17 +73,21 @@ def extract_split(model, folder, img_size, out_path, device, target='pred', batc
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + '.tmp-%d.npy' % os.getpid()
     maps = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(len(dataset), img_size, img_size))
-    correct, row = 0, 0
+    correct, row, checksum = 0, 0, MapChecksum()
     try:
         for images, labels in tqdm(loader, desc='grad-cam %s' % os.path.basename(out_path), leave=False, disable=None):
             images, labels = normalize(images.to(device)), labels.to(device)
             cams, logits = gradcam(model, images, labels if target == 'label' else None, img_size)
             correct += (logits.argmax(1) == labels).sum().item()
-            maps[row:row + len(images)] = cams.cpu().numpy()
+            batch = np.ascontiguousarray(cams.cpu().numpy(), dtype=np.float32)
+            maps[row:row + len(images)] = batch
+            checksum.update(batch)  # rows arrive in order, so this is the checksum of the whole array
             row += len(images)
         maps.flush()
+        header = checksum_line(checksum, maps.shape, maps.dtype)
         del maps
-        config.atomic_write(sidecar_path(out_path), lambda f: f.write(''.join(p + '\n' for p in dataset.paths)))
+        config.atomic_write(sidecar_path(out_path),
+                            lambda f: f.write(header + '\n' + ''.join(p + '\n' for p in dataset.paths)))
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
@@ -102,7 +108,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     s = config.resolve_settings(args.dataset, args.set)
     device = config.pick_device(args.device, args.gpuid)
-    model, ckpt = load_base_model(args.model or default_base_model_path(s), device)
+    model, ckpt = load_base_model(args.model or default_base_model_path(s), device, 'gradcam_extract.py')
+    config.check_writable(args.out_dir)  # before the work, not after it
+    config.remove_stale_tmp(args.out_dir, log=print)  # what a killed extraction left
     target = args.target or s['gradcam_target']
     outputs = {}
     for split in args.splits:

@@ -7,18 +7,23 @@ Conventions used throughout
 ---------------------------
 * ``maps``: ``(N, H, W)`` floating tensor, a non-negative saliency map per
   image (any scale; only the order / relative mass matters). Maps must be
-  finite.
+  finite: every function that takes maps raises ``ValueError`` on NaN or inf
+  (:func:`check_finite_maps`).
 * ``masks``: ``(N, H, W)`` bool tensor (other dtypes are converted with
   ``!= 0``), same ``H, W`` as the maps.
 * Per-image functions return a float tensor of shape ``(N,)``. Images a
-  metric skips get ``NaN``; :func:`image_mean` (and the pointing-game
-  summary) aggregates while ignoring the NaNs.
+  metric skips get ``NaN`` (e.g. a map summing to 0 in the stochastic
+  pointing game; an empty mask is *not* skipped by either pointing game, it
+  is a miss); :func:`image_mean` (and the pointing-game summary) aggregates
+  while ignoring the NaNs.
 * Pixel coordinates are ``(y, x)`` = (row, column), row-major flat index
   ``y * W + x``.
 * Anything random takes a ``seed`` or a ``torch.Generator`` (CPU).
 
 Contents
 --------
+Checks
+    :func:`check_finite_maps`, :func:`first_nonfinite_map`
 Pointing game (TorchRay semantics)
     :func:`pointing_tolerance`, :func:`map_argmax_points`,
     :func:`points_hit_mask`, :func:`dilate_mask`, :func:`pointing_game_hits`,
@@ -27,12 +32,10 @@ Stochastic pointing game
     :func:`sample_map_points`, :func:`stochastic_pointing_game`
 Content heatmap; SCOUTER's area size and box precision
     :func:`content_heatmap`, :func:`area_size`, :func:`mask_boxes`, :func:`box_precision`
-Insertion / deletion (RISE style)
-    :func:`gaussian_blur`, :func:`perturbation_curves`, :func:`curve_auc`,
-    :func:`insertion_auc`, :func:`deletion_auc`
 Stability between two models' maps
     :func:`stability_iou`
-(The metrics of a word model's words, part purity and classes per word, are in
+(Insertion / deletion AUCs, RISE style, are in perturbation_metrics.py; the
+metrics of a word model's words, part purity and classes per word, are in
 word_metrics.py.)
 Aggregation / reporting
     :func:`image_mean`, :func:`results_to_markdown`
@@ -41,12 +44,14 @@ Aggregation / reporting
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "check_finite_maps",
+    "first_nonfinite_map",
     "pointing_tolerance",
     "map_argmax_points",
     "points_hit_mask",
@@ -59,11 +64,6 @@ __all__ = [
     "area_size",
     "mask_boxes",
     "box_precision",
-    "gaussian_blur",
-    "perturbation_curves",
-    "curve_auc",
-    "insertion_auc",
-    "deletion_auc",
     "stability_iou",
     "image_mean",
     "results_to_markdown",
@@ -74,9 +74,33 @@ __all__ = [
 # small internal helpers
 # ---------------------------------------------------------------------------
 
+def first_nonfinite_map(maps: torch.Tensor) -> Optional[int]:
+    """Index of the first map (along dim 0) holding a NaN or inf value, or None."""
+    if not maps.is_floating_point() or maps.dim() == 0 or maps.numel() == 0:
+        return None  # integer maps cannot hold NaN / inf; nothing to check in an empty batch
+    bad = ~torch.isfinite(maps.detach().reshape(maps.shape[0], -1)).all(dim=1)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
+def check_finite_maps(maps: torch.Tensor, what: str = "maps") -> torch.Tensor:
+    """Raise ``ValueError`` if any map holds NaN or inf; return ``maps`` unchanged.
+
+    Refused rather than scored: NaN compares false with everything, so the
+    argmax of such a map is undefined (the row-major search then returns a
+    point one row below the image, which can still land within tau of the
+    mask and score a hit), and its pixel order and sampling CDF are
+    meaningless too.
+    """
+    i = first_nonfinite_map(maps)
+    if i is not None:
+        raise ValueError(f"{what}: map {i} holds NaN or inf values")
+    return maps
+
+
 def _check_maps_masks(maps: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    check_finite_maps(maps)
     if masks.shape != maps.shape:
         raise ValueError(
             f"masks shape {tuple(masks.shape)} differs from maps shape {tuple(maps.shape)}")
@@ -164,9 +188,12 @@ def map_argmax_points(maps: torch.Tensor) -> torch.Tensor:
         maps: ``(N, H, W)`` float.
     Returns:
         ``(N, 2)`` long tensor of ``(y, x)``.
+    Raises:
+        ValueError: a map holds NaN or inf (:func:`check_finite_maps`).
     """
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    check_finite_maps(maps)
     N, H, W = maps.shape
     flat = _first_argmax_flat(maps.reshape(N, H * W))
     return torch.stack([flat // W, flat % W], dim=1)
@@ -251,45 +278,55 @@ def pointing_game_hits(maps: torch.Tensor, masks: torch.Tensor, tau: float) -> t
 
     The point is the argmax of the map (ties: first in row-major order, see
     :func:`map_argmax_points`). The image is a hit iff some mask pixel lies at
-    squared Euclidean distance strictly ``< tau**2`` from the point.
+    squared Euclidean distance strictly ``< tau**2`` from the point:
+    ``hit_i = 1[exists (v, u) in mask_i: (v - y_i)**2 + (u - x_i)**2 < tau**2]``.
+
+    An empty mask has no pixel to be near, so it is a miss (0.0), not skipped:
+    TorchRay's ``PointingGame.evaluate`` returns -1 (miss) for it; only its
+    "difficult" filter skips (0), and that filter is the caller's business.
 
     Args:
-        maps: ``(N, H, W)`` float saliency.
+        maps: ``(N, H, W)`` float saliency, finite.
         masks: ``(N, H, W)`` bool ground truth.
         tau: tolerance in pixels, e.g. ``pointing_tolerance(H)``.
     Returns:
-        ``(N,)`` float: 1.0 hit, 0.0 miss, NaN for images whose mask is empty
-        (skipped, like TorchRay which returns -1 for them). Aggregate with
+        ``(N,)`` float: 1.0 hit, 0.0 miss (never NaN). Aggregate with
         :func:`pointing_game_summary` (class-averaged) or :func:`image_mean`.
+    Raises:
+        ValueError: a map holds NaN or inf (:func:`check_finite_maps`).
     """
     maps, masks = _check_maps_masks(maps, masks)
     pts = map_argmax_points(maps)
     out_dtype = maps.dtype if maps.is_floating_point() else torch.float32
-    hit = points_hit_mask(masks, pts[:, 0], pts[:, 1], tau).to(out_dtype)
-    empty = ~masks.flatten(1).any(dim=1)
-    return torch.where(empty, torch.full_like(hit, float("nan")), hit)
+    return points_hit_mask(masks, pts[:, 0], pts[:, 1], tau).to(out_dtype)
 
 
 def pointing_game_summary(hits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Dict[str, object]:
-    """Aggregate per-image pointing-game outcomes, TorchRay style.
+    """Aggregate per-image pointing-game outcomes, class-averaged as TorchRay.
 
     Per class ``c``: ``acc_c = hits_c / max(1, hits_c + misses_c)`` where the
-    counts run over the non-skipped (non-NaN) images with label ``c``.
-    All values are fractions in [0, 1] (not percentages).
+    counts run over the images with label ``c`` that are not NaN (pointing_game_hits
+    never gives NaN; a caller may set NaN to leave an image out). Class ``c`` is
+    *present* when ``hits_c + misses_c > 0``. All values are fractions in [0, 1].
 
     Returned dict:
-        * ``"class_mean_all"``: ``mean_{c=0..num_classes-1} acc_c``; classes
-          without (valid) samples count as 0. This is TorchRay's number
-          (``PointingGameBenchmark``) and the headline PG.
-        * ``"class_mean_present"``: mean of ``acc_c`` over the classes with at
-          least one valid (non-skipped) image (NaN if there are none).
+        * ``"class_mean_present"``: the headline PG, ``mean_{c present} acc_c``
+          (NaN if no class is present). A subset of the test set (e.g. a few
+          evenly spaced images) may miss whole classes; averaging over the
+          classes present keeps them from counting as 0.
+        * ``"n_classes_present"``: how many classes that mean is over.
+        * ``"class_mean_all"``: TorchRay's ``PointingGameBenchmark`` number,
+          ``mean_{c=0..num_classes-1} acc_c`` with absent classes counting as
+          0; equal to the above when every class is present.
         * ``"image_mean"``: plain hit rate ``sum hits / n_valid`` over images.
-        * ``"per_class"``: ``(num_classes,)`` float64 tensor of ``acc_c``.
+        * ``"per_class"``: ``(num_classes,)`` float64 tensor of ``acc_c``
+          (0 for absent classes; see ``"present"``).
+        * ``"present"``: ``(num_classes,)`` bool.
         * ``"hits_per_class"``, ``"misses_per_class"``: ``(num_classes,)`` long.
-        * ``"n_valid"``, ``"n_skipped"``: image counts.
+        * ``"n_valid"``, ``"n_skipped"``: image counts (non-NaN / NaN entries).
 
     Args:
-        hits: ``(N,)`` from :func:`pointing_game_hits` (1 / 0 / NaN).
+        hits: ``(N,)`` from :func:`pointing_game_hits` (1 / 0, or NaN to skip).
         labels: ``(N,)`` integer class labels in ``[0, num_classes)``.
         num_classes: number of classes C.
     """
@@ -308,10 +345,12 @@ def pointing_game_summary(hits: torch.Tensor, labels: torch.Tensor, num_classes:
     present = (h + m) > 0
     n_valid = int(valid.sum().item())
     return {
-        "class_mean_all": float(acc.mean().item()) if num_classes > 0 else float("nan"),
         "class_mean_present": float(acc[present].mean().item()) if bool(present.any()) else float("nan"),
+        "n_classes_present": int(present.sum().item()),
+        "class_mean_all": float(acc.mean().item()) if num_classes > 0 else float("nan"),
         "image_mean": float(is_hit.sum().item() / n_valid) if n_valid else float("nan"),
         "per_class": acc,
+        "present": present,
         "hits_per_class": h,
         "misses_per_class": m,
         "n_valid": n_valid,
@@ -337,9 +376,12 @@ def sample_map_points(maps: torch.Tensor, num_samples: int, seed: Optional[int] 
 
     Returns:
         ``(ys, xs)``, each ``(N, num_samples)`` long.
+    Raises:
+        ValueError: a map holds NaN or inf (:func:`check_finite_maps`).
     """
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    check_finite_maps(maps)
     N, H, W = maps.shape
     g = _make_generator(seed, generator)
     u = torch.rand(N, num_samples, generator=g, dtype=torch.float64).to(maps.device)
@@ -366,7 +408,9 @@ def stochastic_pointing_game(maps: torch.Tensor, masks: torch.Tensor, tau: float
     the pointing-game rule (a mask pixel at squared distance ``< tau**2``).
 
     ``score_i = 100 * (#hits_i) / num_samples``; SPG = mean over images
-    (:func:`image_mean`).
+    (:func:`image_mean`). An empty mask scores 0 (every sample is a miss, the
+    same rule as :func:`pointing_game_hits`); a map with no positive mass is
+    skipped (NaN) since there is nothing to sample (the GC paper's skip).
 
     Args:
         maps: ``(N, H, W)`` float.
@@ -376,14 +420,16 @@ def stochastic_pointing_game(maps: torch.Tensor, masks: torch.Tensor, tau: float
         seed: seed of a fresh CPU generator (ignored if ``generator`` given).
         generator: a CPU ``torch.Generator`` to draw from.
     Returns:
-        ``(N,)`` float in [0, 100]; NaN for skipped images (map sum <= 0 after
-        clipping, or empty mask).
+        ``(N,)`` float in [0, 100]; NaN only where the map sums to <= 0 after
+        clipping.
+    Raises:
+        ValueError: a map holds NaN or inf (:func:`check_finite_maps`).
     """
     maps, masks = _check_maps_masks(maps, masks)
     ys, xs = sample_map_points(maps, num_samples, seed=seed, generator=generator)
     hit = points_hit_mask(masks, ys, xs, tau)
     score = 100.0 * hit.double().sum(dim=1) / float(num_samples)
-    skip = (maps.detach().flatten(1).double().clamp(min=0).sum(dim=1) <= 0) | ~masks.flatten(1).any(dim=1)
+    skip = maps.detach().flatten(1).double().clamp(min=0).sum(dim=1) <= 0
     score = torch.where(skip, torch.full_like(score, float("nan")), score)
     return score.to(maps.dtype) if maps.is_floating_point() else score.float()
 
@@ -416,11 +462,11 @@ def area_size(maps: torch.Tensor) -> torch.Tensor:
 
     Maps are expected in [0, 1] (SCOUTER: the uint8 map / 255, its classes
     min-max normalised jointly); a smaller value is a more compact explanation.
-    Returns ``(N,)`` float64.
+    Returns ``(N,)`` float64; ``ValueError`` on NaN / inf (:func:`check_finite_maps`).
     """
     if maps.dim() != 3:
         raise ValueError("maps must be (N, H, W)")
-    return maps.detach().double().flatten(1).mean(dim=1)
+    return check_finite_maps(maps).detach().double().flatten(1).mean(dim=1)
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -467,199 +513,7 @@ def box_precision(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# 4. insertion / deletion
-# ---------------------------------------------------------------------------
-
-def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Per-channel Gaussian blur, as RISE does for the insertion baseline.
-
-    Kernel ``k(a, b) proportional to exp(-(a**2 + b**2) / (2 sigma**2))`` for
-    ``a, b in [-(ks//2), ks//2]``, normalised to sum 1, applied to each
-    channel separately with *zero* padding (as RISE's ``conv2d(...,
-    padding=klen//2)``; on normalised images zero is the mean colour). RISE
-    derives its kernel from ``scipy.ndimage.gaussian_filter`` of a delta,
-    which differs slightly from this sampled Gaussian.
-
-    Args:
-        images: ``(N, C, H, W)`` float.
-    Returns:
-        ``(N, C, H, W)`` blurred images.
-    """
-    if kernel_size % 2 != 1:
-        raise ValueError("kernel_size must be odd")
-    C = images.shape[1]
-    r = kernel_size // 2
-    a = torch.arange(-r, r + 1, dtype=torch.float64, device=images.device)
-    g1 = torch.exp(-(a * a) / (2.0 * float(sigma) ** 2))
-    k = g1[:, None] * g1[None, :]
-    k = (k / k.sum()).to(images.dtype)
-    weight = k[None, None].expand(C, 1, kernel_size, kernel_size).contiguous()
-    return F.conv2d(images, weight, padding=r, groups=C)
-
-
-def _pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
-    """Rank of every pixel in descending map order, stable (ties: lower index first)."""
-    N, H, W = maps.shape
-    flat = maps.reshape(N, H * W)
-    order = torch.argsort(flat, dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ar = torch.arange(H * W, device=maps.device).expand(N, -1)
-    ranks.scatter_(1, order, ar)
-    return ranks
-
-
-@torch.no_grad()
-def _predict_batched(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                     batch_size: int) -> torch.Tensor:
-    outs = [predict_proba(images[s:s + batch_size]) for s in range(0, images.shape[0], batch_size)]
-    return torch.cat(outs, dim=0)
-
-
-@torch.no_grad()
-def perturbation_curves(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                        maps: torch.Tensor, mode: str = "insertion", step: Optional[int] = None,
-                        batch_size: int = 128, baseline: Optional[torch.Tensor] = None,
-                        targets: Optional[torch.Tensor] = None, blur_kernel_size: int = 11,
-                        blur_sigma: float = 5.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RISE-style insertion or deletion curves, batched over images and steps.
-
-    Pixel order: descending map value, ties broken by ascending flat index
-    (stable sort). With ``L = H * W`` and ``n = ceil(L / step) + 1``, step
-    ``k = 0 .. n-1`` has the first ``c_k = min(k * step, L)`` pixels of that
-    order changed (so ``c_0 = 0`` and ``c_{n-1} = L``):
-
-    * insertion: start from ``baseline`` (default
-      ``gaussian_blur(images, 11, 5)`` on the normalised image) and copy the
-      original pixels (all channels) in;
-    * deletion: start from the image and set the pixels to 0 in normalised
-      space (i.e. the dataset mean colour).
-
-    ``curve[i, k] = predict_proba(x_{i,k})[target_i]`` where ``target_i`` is
-    the class the model predicts on the clean image (argmax of
-    ``predict_proba(images)``) unless ``targets`` is given.
-
-    The ``N * n`` perturbed images are built on the fly and fed
-    ``batch_size`` at a time (mixing images and steps), under
-    ``torch.no_grad``.
-
-    Args:
-        predict_proba: maps ``(B, 3, H, W)`` -> ``(B, K)`` probabilities
-            (softmax). Called in eval mode as given; set ``model.eval()``.
-        images: ``(N, C, H, W)`` normalised images.
-        maps: ``(N, H, W)`` saliency at image resolution.
-        mode: ``"insertion"`` or ``"deletion"``.
-        step: pixels per step; default ``W`` (one image row, as in the
-            SCOUTER reproduction's RISE evaluation).
-        batch_size: images per forward pass.
-        baseline: ``(N, C, H, W)`` insertion start (overrides the blur).
-        targets: ``(N,)`` classes to score instead of the clean prediction.
-    Returns:
-        ``(curves, targets)``: ``(N, n)`` float curves and ``(N,)`` long targets.
-    """
-    if mode not in ("insertion", "deletion"):
-        raise ValueError("mode must be 'insertion' or 'deletion'")
-    if images.dim() != 4 or maps.dim() != 3 or images.shape[0] != maps.shape[0] \
-            or images.shape[2:] != maps.shape[1:]:
-        raise ValueError("images must be (N, C, H, W) and maps (N, H, W) with matching N, H, W")
-    N, C, H, W = images.shape
-    L = H * W
-    step = W if step is None else int(step)
-    if step <= 0:
-        raise ValueError("step must be positive")
-    n = int(math.ceil(L / step)) + 1
-    device = images.device
-    maps = maps.to(device)
-
-    if targets is None:
-        clean = _predict_batched(predict_proba, images, batch_size)
-        targets = clean.argmax(dim=1)
-    targets = targets.to(device=device, dtype=torch.long)
-
-    if mode == "insertion":
-        start = gaussian_blur(images, blur_kernel_size, blur_sigma) if baseline is None else baseline.to(device)
-        end = images
-    else:
-        start = images
-        end = torch.zeros_like(images)
-
-    ranks = _pixel_ranks(maps).reshape(N, 1, H, W)
-    counts = torch.clamp(torch.arange(n, device=device) * step, max=L)  # (n,)
-    curves = torch.empty(N, n, dtype=torch.float32, device=device)
-    total = N * n
-    for s in range(0, total, batch_size):
-        e = min(total, s + batch_size)
-        j = torch.arange(s, e, device=device)
-        ii, kk = j // n, j % n
-        changed = (ranks[ii] < counts[kk].view(-1, 1, 1, 1)).to(images.dtype)  # (B,1,H,W)
-        x = start[ii] + changed * (end[ii] - start[ii])
-        prob = predict_proba(x)
-        curves[ii, kk] = prob.gather(1, targets[ii][:, None])[:, 0].float()
-    return curves, targets
-
-
-def curve_auc(curves: torch.Tensor) -> torch.Tensor:
-    """Normalised trapezoid area under curves sampled at equally spaced points.
-
-    For a curve ``s_0 .. s_{n-1}`` (x-axis = fraction of pixels, 0..1):
-    ``AUC = (sum_k s_k - s_0 / 2 - s_{n-1} / 2) / (n - 1)``.
-    Linear in the curve, so the mean of per-image AUCs equals the AUC of the
-    mean curve.
-
-    Args:
-        curves: ``(..., n)`` with ``n >= 2``.
-    Returns:
-        ``(...)`` AUCs.
-    """
-    n = curves.shape[-1]
-    if n < 2:
-        raise ValueError("a curve needs at least 2 points")
-    return (curves.sum(dim=-1) - curves[..., 0] / 2 - curves[..., -1] / 2) / (n - 1)
-
-
-def insertion_auc(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                  maps: torch.Tensor, step: Optional[int] = None, batch_size: int = 128,
-                  return_curves: bool = False, baseline: Optional[torch.Tensor] = None,
-                  targets: Optional[torch.Tensor] = None, blur_kernel_size: int = 11,
-                  blur_sigma: float = 5.0):
-    """Per-image insertion AUC (higher is better).
-
-    ``auc_i = curve_auc(curve_i)`` with the insertion curve of
-    :func:`perturbation_curves` (blurred start, original pixels inserted in
-    descending map order, ``step`` = W pixels per step by default). The
-    reported metric is the image mean.
-
-    Returns:
-        ``(N,)`` AUCs, or ``(aucs, curves (N, n), targets (N,))`` if
-        ``return_curves``.
-    """
-    curves, tg = perturbation_curves(predict_proba, images, maps, "insertion", step, batch_size,
-                                     baseline, targets, blur_kernel_size, blur_sigma)
-    aucs = curve_auc(curves)
-    return (aucs, curves, tg) if return_curves else aucs
-
-
-def deletion_auc(predict_proba: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                 maps: torch.Tensor, step: Optional[int] = None, batch_size: int = 128,
-                 return_curves: bool = False, targets: Optional[torch.Tensor] = None):
-    """Per-image deletion AUC (lower is better).
-
-    ``auc_i = curve_auc(curve_i)`` with the deletion curve of
-    :func:`perturbation_curves` (pixels set to 0 in normalised space in
-    descending map order, ``step`` = W pixels per step by default). The
-    reported metric is the image mean.
-
-    Returns:
-        ``(N,)`` AUCs, or ``(aucs, curves (N, n), targets (N,))`` if
-        ``return_curves``.
-    """
-    curves, tg = perturbation_curves(predict_proba, images, maps, "deletion", step, batch_size,
-                                     None, targets)
-    aucs = curve_auc(curves)
-    return (aucs, curves, tg) if return_curves else aucs
-
-
-# ---------------------------------------------------------------------------
-# 5. stability IoU
+# 4. stability IoU
 # ---------------------------------------------------------------------------
 
 def stability_iou(maps_a: torch.Tensor, maps_b: torch.Tensor, threshold: float = 100.0 / 255.0,
@@ -680,10 +534,12 @@ def stability_iou(maps_a: torch.Tensor, maps_b: torch.Tensor, threshold: float =
     Args:
         maps_a, maps_b: ``(N, H, W)`` float maps of the same images.
     Returns:
-        ``(N,)`` float64 IoUs in (0, 1].
+        ``(N,)`` float64 IoUs in (0, 1]; ``ValueError`` on NaN / inf maps.
     """
     if maps_a.shape != maps_b.shape or maps_a.dim() != 3:
         raise ValueError("maps_a and maps_b must both be (N, H, W)")
+    check_finite_maps(maps_a, "maps_a")
+    check_finite_maps(maps_b, "maps_b")
     maps_b = maps_b.to(maps_a.device)
 
     def binarise(m: torch.Tensor) -> torch.Tensor:
@@ -702,7 +558,7 @@ def stability_iou(maps_a: torch.Tensor, maps_b: torch.Tensor, threshold: float =
 
 
 # ---------------------------------------------------------------------------
-# 6. reporting
+# 5. reporting
 # ---------------------------------------------------------------------------
 
 def _fmt_value(v) -> str:

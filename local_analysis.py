@@ -25,8 +25,8 @@ import torch
 
 import config
 import visualize as vis
-from checkpoint import load_checkpoint, model_from_checkpoint
-from image_data import image_folder, load_image, normalize
+from checkpoint import load_checkpoint, model_from_checkpoint, require_kind
+from image_data import image_folder, load_image, load_npy, normalize
 from push import high_activation_boxes, jet_overlay
 from train_and_test import word_attention_map
 
@@ -38,7 +38,10 @@ def source_of_words(run_dir, ckpt, ckpt_path, s):
     folder, note = vis.word_source_folder(run_dir, epoch, kind)
     bb, paths = None, None
     if folder is not None:
-        bb = np.load(os.path.join(folder, 'bb%d.npy' % epoch))
+        bb = load_npy(os.path.join(folder, 'bb%d.npy' % epoch), 'push boxes', ndim=2, columns=6)
+        if len(bb) != s['prototype_shape'][0]:
+            raise config.UserError('push boxes %s has %d rows for %d words (from another run?)'
+                                   % (os.path.join(folder, 'bb%d.npy' % epoch), len(bb), s['prototype_shape'][0]))
         try:
             listing = image_folder(s['train_push_dir'])
             paths = [p for p, _ in listing.samples]
@@ -269,9 +272,9 @@ def main(argv=None):
     parser.add_argument('-topk', type=int, default=10, help='words shown per image, by similarity (default 10)')
     config.add_device_args(parser)
     args = parser.parse_args(argv)
-    ckpt = load_checkpoint(args.model)
+    ckpt = require_kind(load_checkpoint(args.model), args.model, 'words', 'local_analysis.py')
     device = config.pick_device(args.device, args.gpuid)
-    model, s = model_from_checkpoint(ckpt, device)
+    model, s = model_from_checkpoint(ckpt, device, path=args.model)
     P = s['prototype_shape'][0]
     if not 1 <= args.topk <= P:
         raise config.UserError('-topk must be between 1 and the number of words (%d), got %d' % (P, args.topk))
@@ -282,12 +285,10 @@ def main(argv=None):
     out_dir = args.out or os.path.join(run_dir, 'local_analysis')
     class_names = list(ckpt['class_names'])
     source = source_of_words(run_dir, ckpt, args.model, s)
+    config.check_writable(out_dir)  # refused before the work, not after it
     used, results = set(), []
     for path in args.images:
-        try:
-            image = load_image(path, s['img_size'])
-        except OSError as err:
-            raise config.UserError('cannot read image %s: %s' % (path, err)) from None
+        image = load_image(path, s['img_size'])  # a file that does not decode: one line naming it
         r = analyse_image(model, s, image, args.topk)
         info = result_json(path, args.model, r, class_names, source, args.topk, s)
         stem = _unique_stem(path, used)

@@ -7,52 +7,30 @@ after each); at every push epoch: joint epoch -> test -> save nopush -> push -> 
 -> last_layer_iterations last-layer passes, each followed by a test and a save. Checkpoints go to
 saved_models/<arch>/<experiment_run>/ as <epoch>nopush<acc>.pth, <epoch>push<acc>.pth and
 <epoch>_<i>push<acc>.pth, only when test accuracy > save_threshold.
+
+Every input (settings, maps, images, weights) is checked before the run folder is touched.
+After each pass, <run>/last.pth holds everything needed to continue: the same command with
+-resume picks up after the last finished pass (run_state.py). -overwrite moves an old run aside.
 """
 import argparse
 import os
-import random
 import time
+import types
 
-import numpy as np
 import torch
 
 import config
 import push
+import run_state
 import train_and_test as tnt
 import visualize
 from checkpoint import CheckpointKeeper, checkpoint_name
-from image_data import ImageDataset, check_same_classes, make_loader
+from image_data import ImageDataset, check_images, check_same_classes, make_loader
 from model import build_model
 from receptive_field import layer_specs, word_layer_rf_info
 
 CSV_FIELDS = ('epoch', 'phase', 'split', 'iteration', 'time', 'cross_entropy', 'cluster', 'separation',
               'attention', 'accuracy', 'l1', 'p_dist_pair', 'lr_features')
-
-
-class RunLog:
-    """Prints and appends to <run>/train.log; one CSV row per pass in <run>/metrics.csv."""
-
-    def __init__(self, folder, fields=CSV_FIELDS):
-        self.log_path = os.path.join(folder, 'train.log')
-        self.csv_path = os.path.join(folder, 'metrics.csv')
-        self.fields = tuple(fields)
-        with open(self.csv_path, 'w') as f:
-            f.write(','.join(self.fields) + '\n')
-
-    def __call__(self, message):
-        print(message, flush=True)
-        with open(self.log_path, 'a') as f:
-            f.write(message + '\n')
-
-    def row(self, **values):
-        with open(self.csv_path, 'a') as f:
-            f.write(','.join('' if values.get(k) is None else str(values.get(k)) for k in self.fields) + '\n')
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_loaders(s, train_atts, test_atts, device, log):
@@ -64,6 +42,8 @@ def build_loaders(s, train_atts, test_atts, device, log):
     if len(train_set.classes) != s['num_classes']:
         raise config.UserError('%s has %d classes but num_classes is %d'
                                % (s['train_dir'], len(train_set.classes), s['num_classes']))
+    check_images(sorted({path for data in (train_set, test_set, push_set) for path, _ in data.samples}),
+                 s['image_check'], 'train, test and push images')
     workers = s['num_workers']
     return (make_loader(train_set, s['train_batch_size'], True, workers, device),
             make_loader(test_set, s['test_batch_size'], False, workers, device),
@@ -71,82 +51,119 @@ def build_loaders(s, train_atts, test_atts, device, log):
             train_set.classes)
 
 
-def train(s, train_atts, test_atts, device, gpuids=(), weights=None, log=print, run_log=None):
-    """The whole schedule. Returns a summary dict (final/best checkpoint and accuracies)."""
-    folder = config.run_dir(s)
-    run_log = run_log or (lambda **_: None)
-    seed_everything(s['seed'])
+
+
+def passes(s):
+    """The schedule as the list of its passes, the unit of resumption: (kind, epoch, iteration)
+    with kind 'warm' | 'joint' (one epoch, then a test), 'push' (push, then a test) or 'last'
+    (a last-layer pass, then a test)."""
+    out = []
+    for epoch in range(s['num_train_epochs']):
+        out.append(('warm' if epoch < s['num_warm_epochs'] else 'joint', epoch, None))
+        if epoch >= s['push_start'] and epoch in s['push_epochs']:
+            out.append(('push', epoch, None))
+            if s['prototype_activation_function'] != 'linear':
+                out += [('last', epoch, i) for i in range(s['last_layer_iterations'])]
+    return out
+
+
+def prepare(s, train_atts, test_atts, device, gpuids=(), weights=None, log=print):
+    """Everything a run needs, built before anything is written, so that an input mistake stops
+    it with the run folder untouched: loaders (maps paired, images opened), model, optimizers."""
+    run_state.seed_everything(s['seed'])
     train_loader, test_loader, push_loader, classes = build_loaders(s, train_atts, test_atts, device, log)
-    model = build_model(s, weights=weights, log=log).to(device)
-    net = model
-    if len(gpuids) > 1:
-        model = torch.nn.DataParallel(model, device_ids=list(gpuids))
-    rf_info = word_layer_rf_info(s['img_size'], layer_specs(net.features))
+    net = build_model(s, weights=weights, log=log).to(device)
+    model = torch.nn.DataParallel(net, device_ids=list(gpuids)) if len(gpuids) > 1 else net
     warm_opt, joint_opt, joint_scheduler, last_opt = tnt.make_optimizers(net, s)
+    return types.SimpleNamespace(
+        train_loader=train_loader, test_loader=test_loader, push_loader=push_loader, classes=classes,
+        net=net, model=model, joint_opt=joint_opt,
+        opt={'warm': warm_opt, 'joint': joint_opt, 'last': last_opt},
+        modules={'model': net, 'warm_optimizer': warm_opt, 'joint_optimizer': joint_opt,
+                 'joint_scheduler': joint_scheduler, 'last_optimizer': last_opt},
+        rf_info=word_layer_rf_info(s['img_size'], layer_specs(net.features)))
+
+
+def train(run, s, folder, device, log=print, state=None):
+    """The schedule from `prepare`'s run, continuing after the passes that the resume `state`
+    (last.pth) holds. Writes last.pth after every pass and run_summary.json at the end."""
+    run_log = getattr(log, 'row', lambda **_: None)
+    model, net = run.model, run.net
     keep = CheckpointKeeper(folder, s['save_threshold'], s['keep_checkpoints'], log)
-    log('%d train / %d test images, %d classes, %d words, feature grid %dx%d, receptive field %s'
-        % (len(train_loader.dataset), len(test_loader.dataset), len(classes), s['prototype_shape'][0],
-           rf_info[0], rf_info[0], rf_info))
+    schedule = passes(s)
+    done, elapsed, final = 0, 0.0, None
+    if state is not None:
+        done = run_state.restore_state(state, run.modules, keep)
+        elapsed, final = state['elapsed'], state.get('final')
+        log('resumed from %s: %d of %d passes done, continuing at %s'
+            % (run_state.state_path(folder), done, len(schedule), describe(schedule, done)))
+    else:
+        log('%d train / %d test images, %d classes, %d words, feature grid %dx%d, receptive field %s'
+            % (len(run.train_loader.dataset), len(run.test_loader.dataset), len(run.classes),
+               s['prototype_shape'][0], run.rf_info[0], run.rf_info[0], run.rf_info))
 
     def record(epoch, phase, split, metrics, iteration=None):
         log('epoch %d | %s | %s%s | %s' % (epoch, phase, split, '' if iteration is None else ' %d' % iteration,
                                              tnt.format_metrics(metrics)))
         run_log(epoch=epoch, phase=phase, split=split, iteration=iteration,
-                lr_features=joint_opt.param_groups[0]['lr'], **{k: metrics.get(k) for k in CSV_FIELDS[4:-1]})
+                lr_features=run.joint_opt.param_groups[0]['lr'], **{k: metrics.get(k) for k in CSV_FIELDS[4:-1]})
 
     def test(epoch, phase, iteration=None):
-        metrics = tnt.train_or_test(model, test_loader, device, s, desc='test')
+        metrics = tnt.train_or_test(model, run.test_loader, device, s, desc='test')
         record(epoch, phase, 'test', metrics, iteration)
         return metrics['accuracy']
 
-    def save(name_kind, epoch, accuracy, iteration=None):
-        return keep(net, checkpoint_name(epoch, accuracy, name_kind, iteration), accuracy, s, classes,
-                    epoch=epoch, kind=name_kind, iteration=iteration)
+    def save(kind, epoch, accuracy, iteration=None):
+        path = keep(net, checkpoint_name(epoch, accuracy, kind, iteration), accuracy, s, run.classes,
+                    epoch=epoch, kind=kind, iteration=iteration)
+        return [os.path.basename(path) if path else None, accuracy]
 
     start = time.time()
-    final = None
-    for epoch in range(s['num_train_epochs']):
-        if epoch < s['num_warm_epochs']:
-            phase = 'warm'
-            tnt.warm_only(net)
-            metrics = tnt.train_or_test(model, train_loader, device, s, warm_opt, use_attention=False,
-                                        desc='epoch %d warm' % epoch)
+    for index in range(done, len(schedule)):
+        kind, epoch, iteration = schedule[index]
+        img_dir = os.path.join(folder, 'img', 'epoch-%d' % epoch) if s['push_save_images'] else None
+        if kind in ('warm', 'joint'):
+            (tnt.warm_only if kind == 'warm' else tnt.joint)(net)
+            metrics = tnt.train_or_test(model, run.train_loader, device, s, run.opt[kind],
+                                        use_attention=kind == 'joint', desc='epoch %d %s' % (epoch, kind))
+            if kind == 'joint':
+                run.modules['joint_scheduler'].step()
+            record(epoch, kind, 'train', metrics)
+            final = save('nopush', epoch, test(epoch, kind))
+        elif kind == 'push':
+            push.push_prototypes(model, run.push_loader, device, s['class_specific'], epoch=epoch, folder=img_dir,
+                                 rf_info=run.rf_info, img_size=s['img_size'], log=log)
+            final = save('push', epoch, test(epoch, 'push'))
         else:
-            phase = 'joint'
-            tnt.joint(net)
-            metrics = tnt.train_or_test(model, train_loader, device, s, joint_opt, use_attention=True,
-                                        desc='epoch %d joint' % epoch)
-            joint_scheduler.step()
-        record(epoch, phase, 'train', metrics)
-        accuracy = test(epoch, phase)
-        final = (save('nopush', epoch, accuracy), accuracy)
-
-        if epoch >= s['push_start'] and epoch in s['push_epochs']:
-            img_dir = os.path.join(folder, 'img', 'epoch-%d' % epoch) if s['push_save_images'] else None
-            push.push_prototypes(model, push_loader, device, s['class_specific'], epoch=epoch, folder=img_dir,
-                                 rf_info=rf_info, img_size=s['img_size'], log=log)
-            accuracy = test(epoch, 'push')
-            final = (save('push', epoch, accuracy), accuracy)
-            if s['prototype_activation_function'] != 'linear':
-                tnt.last_only(net)
-                for i in range(s['last_layer_iterations']):
-                    metrics = tnt.train_or_test(model, train_loader, device, s, last_opt, use_attention=True,
-                                                desc='epoch %d last layer %d' % (epoch, i))
-                    record(epoch, 'last', 'train', metrics, i)
-                    accuracy = test(epoch, 'last', i)
-                    final = (save('last', epoch, accuracy, i), accuracy)
-            visualize.write_push_pictures(img_dir, net.last_layer.weight, classes, epoch, log=log)
+            tnt.last_only(net)
+            metrics = tnt.train_or_test(model, run.train_loader, device, s, run.opt['last'], use_attention=True,
+                                        desc='epoch %d last layer %d' % (epoch, iteration))
+            record(epoch, 'last', 'train', metrics, iteration)
+            final = save('last', epoch, test(epoch, 'last', iteration), iteration)
+        if kind != 'warm' and kind != 'joint' and (index + 1 == len(schedule) or schedule[index + 1][0] != 'last'):
+            visualize.write_push_pictures(img_dir, net.last_layer.weight, run.classes, epoch, log=log)
+        run_state.save_state(run_state.state_path(folder), index + 1, run.modules, keep, log,
+                             elapsed + time.time() - start, final=final)
 
     summary = {'final_accuracy': final[1] if final else None,
-               'final_checkpoint': os.path.basename(final[0]) if final and final[0] else None,
+               'final_checkpoint': final[0] if final else None,
                'best_checkpoint': os.path.basename(keep.best[0]) if keep.best else None,
                'best_accuracy': keep.best[1] if keep.best else None,
-               'train_seconds': round(time.time() - start, 1)}
+               'train_seconds': round(elapsed + time.time() - start, 1)}
     config.save_json(summary, os.path.join(folder, 'run_summary.json'))
+    os.remove(run_state.state_path(folder))  # the run is complete; run_summary.json says so
     visualize.write_run_report(folder, log=log)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
     return summary
+
+
+def describe(schedule, index):
+    """'epoch 3 push' for the pass at `index` of the schedule, 'the end' past it."""
+    if index >= len(schedule):
+        return 'the end'
+    kind, epoch, iteration = schedule[index]
+    return 'epoch %d %s%s' % (epoch, kind, '' if iteration is None else ' %d' % iteration)
 
 
 def main(argv=None):
@@ -154,7 +171,9 @@ def main(argv=None):
     parser.add_argument('-train_atts', default=None, help='Grad-CAM maps of train/ (default ./data/grad_train_<dataset>.npy)')
     parser.add_argument('-test_atts', default=None, help='Grad-CAM maps of test/ (default ./data/grad_test_<dataset>.npy)')
     parser.add_argument('-weights', default=None, help='ImageNet state_dict for the backbone (torchvision format)')
-    parser.add_argument('-overwrite', action='store_true', help='replace an existing run folder')
+    parser.add_argument('-overwrite', action='store_true', help='move an existing run folder aside and start anew')
+    parser.add_argument('-resume', action='store_true',
+                        help='continue the run in its folder after its last finished pass (or start it)')
     config.add_settings_args(parser)
     config.add_device_args(parser)
     args = parser.parse_args(argv)
@@ -171,13 +190,20 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     folder = config.run_dir(s)
-    config.prepare_run_dir(folder, args.overwrite, 'experiment_run')
-    config.save_json({'settings': s, 'train_atts': train_atts, 'test_atts': test_atts, 'device': str(device),
-                      'versions': config.versions()}, os.path.join(folder, 'settings.json'))
-    log = RunLog(folder)
+    record = {'settings': s, 'train_atts': train_atts, 'test_atts': test_atts}
+    action = run_state.start_action(folder, args.overwrite, args.resume, 'experiment_run', record)
+    if action == 'finished':
+        return run_state.finished_summary(folder)
+    early = run_state.EarlyLog()
+    resume = action == 'resume'
+    # a resumed run's weights come from last.pth: no -weights file is read
+    run = prepare(dict(s, pretrained=False) if resume else s, train_atts, test_atts, device, gpuids,
+                  None if resume else args.weights, log=early)
+    log, state = run_state.open_run(folder, action, dict(record, device=str(device), versions=config.versions()),
+                                    CSV_FIELDS, early)
     log('run folder %s, device %s, dataset %s, mode %s' % (folder, device, s['dataset'],
                                                            'ProtoPNet' if s['class_specific'] else 'LVW'))
-    return train(s, train_atts, test_atts, device, gpuids, args.weights, log=log, run_log=log.row)
+    return train(run, s, folder, device, log=log, state=state)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from checkpoint import checkpoint_kind, describe_kind, torch_load
 from config import UserError
 
 RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
@@ -100,20 +101,28 @@ def find_imagenet_weights(arch, path=None):
     return None
 
 
+def read_start_state(path):
+    """The state_dict of a -weights file: a torchvision state_dict or a base model from
+    finetune_backbone.py. Anything else (empty, truncated, another kind of checkpoint, not a dict
+    of tensors) is one UserError line naming the file."""
+    state = torch_load(path, 'weights file')
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        if isinstance(state.get('settings'), dict) and checkpoint_kind(state) != 'base':
+            raise UserError('%s is %s; -weights needs an ImageNet state_dict (torchvision format) or a base-model '
+                            'checkpoint (finetune_backbone.py)' % (path, describe_kind(state)))
+        state = state['state_dict']
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError('%s does not hold a state_dict (a dict of tensors)' % path)
+    return state
+
+
 def load_backbone_weights(module, path, skip_prefixes=('fc.',)):
     """Load a torchvision state_dict into `module` (which may lack the fc head).
 
     Every key of the file (except `skip_prefixes`) must exist in the module with the same shape,
     and every module parameter must be in the file; otherwise the first bad key is named.
     """
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # a corrupt or non-tensor file: one line for the user
-        raise UserError('cannot read weights file %s: %s' % (path, str(err).splitlines()[0])) from None
-    if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
-        state = state['state_dict']
-    if not isinstance(state, dict):
-        raise UserError('%s does not hold a state_dict' % path)
+    state = read_start_state(path)
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(tuple(skip_prefixes))}
     for key, value in state.items():

@@ -32,6 +32,7 @@ train_batch_size = 80
 test_batch_size = 100
 train_push_batch_size = 75
 num_workers = 4                # data-loading processes
+image_check = 'header'         # before training, open every image: 'header' (fast), 'full' (decode), 'off'
 
 # ---- optimisation -----------------------------------------------------------------------------
 joint_optimizer_lrs = {'features': 1e-4, 'add_on_layers': 3e-3, 'prototype_vectors': 3e-3}

@@ -8,21 +8,24 @@ train.log, metrics.csv (one row per pass) and a checkpoint per epoch above save_
 (<epoch>epoch<acc>.pth: state_dict, resolved settings, class names and the method, readable with
 weights_only=True). Each method's recipe (optimiser, lr, schedule, epochs, batch size, loss
 weights) is its <prefix>_* settings; see peers/ and ../shared/PEERS_SPEC.md. The final epoch's
-checkpoint is the result (no selection on the test set).
+checkpoint is the result (no selection on the test set). Inputs are checked before the run folder
+is touched; last.pth after every epoch lets the same command with -resume continue the run, and
+-overwrite moves an old run aside (as main.py).
 """
 import argparse
 import os
 import time
+import types
 
 import torch
 from tqdm import tqdm
 
 import config
 import peers
+import run_state
 from checkpoint import CheckpointKeeper, checkpoint_name
 from finetune_backbone import evaluate
-from image_data import ImageDataset, check_same_classes, make_loader, normalize
-from main import RunLog, seed_everything
+from image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
 from peers import common
 
 CSV_FIELDS = ('epoch', 'split', 'time', 'total', 'cross_entropy', 'area', 'consistency', 'accuracy', 'lr')
@@ -70,19 +73,20 @@ def format_metrics(m):
     return ' | '.join(parts + ['acc %.2f%%' % (100 * m['accuracy'])])
 
 
-def train_peer(s, method, device, weights=None, log=print, run_log=None):
-    """Train `method` as its <prefix>_* settings say; returns a summary dict."""
+def prepare(s, method, device, weights=None, log=print):
+    """Loaders (images opened), model (trunk started from `weights`), optimizer and scheduler,
+    built before anything is written."""
     module = peers.method_module(method)
     prefix = module.PREFIX
-    folder = peer_run_dir(s, method)
-    run_log = run_log or (lambda **_: None)
-    seed_everything(s['seed'])
+    run_state.seed_everything(s['seed'])
     train_set = ImageDataset(s['train_dir'], s['img_size'], flip='joint', log=log)
     test_set = ImageDataset(s['test_dir'], s['img_size'], log=log)
     check_same_classes(train_set.classes, test_set.classes, s['train_dir'], s['test_dir'])
     classes = train_set.classes
     if len(classes) != s['num_classes']:
         raise config.UserError('%s has %d classes but num_classes is %d' % (s['train_dir'], len(classes), s['num_classes']))
+    check_images(sorted({path for data in (train_set, test_set) for path, _ in data.samples}), s['image_check'],
+                 'train and test images')
     train_loader = make_loader(module.train_dataset(train_set, s), s[prefix + '_batch_size'], True,
                                s['num_workers'], device)
     test_loader = make_loader(test_set, s['test_batch_size'], False, s['num_workers'], device)
@@ -91,29 +95,51 @@ def train_peer(s, method, device, weights=None, log=print, run_log=None):
     model.to(device)
     params = list(module.trainable_parameters(model, s))
     optimizer, scheduler = common.make_optimizer(params, s, prefix)
-    n_train = sum(p.numel() for p in params if p.requires_grad)
-    log('%s: %d train / %d test images, %d classes, %.2fM trainable parameters, %d epochs'
-        % (peers.LABELS[method], len(train_set), len(test_set), len(classes), n_train / 1e6, s[prefix + '_epochs']))
+    return types.SimpleNamespace(train_loader=train_loader, test_loader=test_loader, classes=classes, model=model,
+                                 optimizer=optimizer, scheduler=scheduler,
+                                 n_train=sum(p.numel() for p in params if p.requires_grad),
+                                 modules={'model': model, 'optimizer': optimizer, 'scheduler': scheduler})
+
+
+def train_peer(run, s, method, folder, device, log=print, state=None):
+    """Train `method` as its <prefix>_* settings say, after the epochs the resume `state` holds;
+    returns a summary dict."""
+    prefix = peers.method_module(method).PREFIX
+    run_log = getattr(log, 'row', lambda **_: None)
+    model, optimizer = run.model, run.optimizer
     keep = CheckpointKeeper(folder, s['save_threshold'], s['keep_checkpoints'], log)
-    start, final = time.time(), None
-    for epoch in range(s[prefix + '_epochs']):
+    epochs, done, elapsed, final = s[prefix + '_epochs'], 0, 0.0, None
+    if state is not None:
+        done = run_state.restore_state(state, run.modules, keep)
+        elapsed, final = state['elapsed'], state.get('final')
+        log('resumed from %s: %d of %d epochs done' % (run_state.state_path(folder), done, epochs))
+    else:
+        log('%s: %d train / %d test images, %d classes, %.2fM trainable parameters, %d epochs'
+            % (peers.LABELS[method], len(run.train_loader.dataset), len(run.test_loader.dataset), len(run.classes),
+               run.n_train / 1e6, epochs))
+    start = time.time()
+    for epoch in range(done, epochs):
         lr = optimizer.param_groups[0]['lr']
-        metrics = train_one_epoch(model, method, train_loader, optimizer, device, s, desc='epoch %d train' % epoch)
-        scheduler.step()
+        metrics = train_one_epoch(model, method, run.train_loader, optimizer, device, s, desc='epoch %d train' % epoch)
+        run.scheduler.step()
         log('epoch %d | train | %s' % (epoch, format_metrics(metrics)))
         run_log(epoch=epoch, split='train', lr=lr, **{k: metrics.get(k) for k in CSV_FIELDS[2:-1]})
-        test = evaluate(model, test_loader, device)
+        test = evaluate(model, run.test_loader, device)
         log('epoch %d | test | %s' % (epoch, format_metrics(test)))
         run_log(epoch=epoch, split='test', lr=lr, **test)
-        path = keep(model, checkpoint_name(epoch, test['accuracy'], 'epoch'), test['accuracy'], s, classes,
+        path = keep(model, checkpoint_name(epoch, test['accuracy'], 'epoch'), test['accuracy'], s, run.classes,
                     epoch=epoch, method=method)
-        final = (path, test['accuracy'])
+        final = [os.path.basename(path) if path else None, test['accuracy']]
+        run_state.save_state(run_state.state_path(folder), epoch + 1, run.modules, keep, log,
+                             elapsed + time.time() - start, final=final)
     summary = {'method': method, 'final_accuracy': final[1] if final else None,
-               'final_checkpoint': os.path.basename(final[0]) if final and final[0] else None,
+               'final_checkpoint': final[0] if final else None,
                'best_checkpoint': os.path.basename(keep.best[0]) if keep.best else None,
                'best_accuracy': keep.best[1] if keep.best else None, 'run_dir': folder,
-               'train_seconds': round(time.time() - start, 1)}
+               'train_seconds': round(elapsed + time.time() - start, 1)}
     config.save_json(summary, os.path.join(folder, 'run_summary.json'))
+    if os.path.isfile(run_state.state_path(folder)):
+        os.remove(run_state.state_path(folder))  # the run is complete; run_summary.json says so
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
     return summary
@@ -124,7 +150,9 @@ def main(argv=None):
     parser.add_argument('-method', required=True, choices=tuple(peers.METHODS), help='the peer to train')
     parser.add_argument('-weights', default=None,
                         help='starting weights of the trunk (torchvision format or a base model from finetune_backbone.py)')
-    parser.add_argument('-overwrite', action='store_true', help='replace an existing run folder')
+    parser.add_argument('-overwrite', action='store_true', help='move an existing run folder aside and start anew')
+    parser.add_argument('-resume', action='store_true',
+                        help='continue the run in its folder after its last finished epoch (or start it)')
     config.add_settings_args(parser)
     config.add_device_args(parser)
     args = parser.parse_args(argv)
@@ -135,12 +163,19 @@ def main(argv=None):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     folder = peer_run_dir(s, args.method)
-    config.prepare_run_dir(folder, args.overwrite, 'peer_run')
-    config.save_json({'settings': s, 'method': args.method, 'weights': args.weights, 'device': str(device),
-                      'versions': config.versions()}, os.path.join(folder, 'settings.json'))
-    log = RunLog(folder, CSV_FIELDS)
+    record = {'settings': s, 'method': args.method}
+    action = run_state.start_action(folder, args.overwrite, args.resume, 'peer_run', record)
+    if action == 'finished':
+        return dict(run_state.finished_summary(folder), run_dir=folder)
+    early = run_state.EarlyLog()
+    resume = action == 'resume'
+    # a resumed run's weights come from last.pth: no -weights file is read
+    run = prepare(dict(s, pretrained=False) if resume else s, args.method, device,
+                  None if resume else args.weights, log=early)
+    log, state = run_state.open_run(folder, action, dict(record, weights=args.weights, device=str(device),
+                                                         versions=config.versions()), CSV_FIELDS, early)
     log('run folder %s, device %s, dataset %s, method %s' % (folder, device, s['dataset'], args.method))
-    return train_peer(s, args.method, device, args.weights, log=log, run_log=log.row)
+    return train_peer(run, s, args.method, folder, device, log=log, state=state)
 
 
 if __name__ == '__main__':

@@ -120,7 +120,8 @@ def read_push_folder(img_dir, epoch=None):
         epoch = int(m.group(1)) if m else None
     bb = None
     if epoch is not None and os.path.isfile(os.path.join(img_dir, 'bb%d.npy' % epoch)):
-        bb = np.load(os.path.join(img_dir, 'bb%d.npy' % epoch))
+        from image_data import load_npy
+        bb = load_npy(os.path.join(img_dir, 'bb%d.npy' % epoch), 'push boxes', ndim=2, columns=6)
     num_words = bb.shape[0] if bb is not None else len(glob.glob(os.path.join(img_dir, 'prototype-img[0-9]*.png')))
     return {'epoch': epoch, 'bb': bb, 'num_words': num_words}
 
@@ -265,7 +266,9 @@ def draw_gallery(img_dir, weight, class_names, out_dir=None, words_per_page=WORD
     if len(class_names) != C:
         raise ValueError('%d class names for a last layer of %d classes' % (len(class_names), C))
     if info['bb'] is not None and info['bb'].shape[0] != P:
-        raise ValueError('%s holds %d words but the last layer has %d' % (img_dir, info['bb'].shape[0], P))
+        from config import UserError
+        raise UserError('%s holds %d words but the last layer has %d (push boxes of another run?)'
+                        % (img_dir, info['bb'].shape[0], P))
     out_dir = out_dir or img_dir
     os.makedirs(out_dir, exist_ok=True)
     short = short_class_names(class_names, 24)   # one class: the long name, cut to the cell width
@@ -497,12 +500,23 @@ def write_push_pictures(img_dir, weight, class_names, epoch, log=print):
 def _read_json(path):
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:  # empty, truncated, not JSON
+        from config import UserError
+        raise UserError('cannot read %s: %s' % (path, str(err).splitlines()[0] if str(err) else 'empty')) from None
+
+
+def load_word_checkpoint(path):
+    """An LVW / ProtoPNet-mode checkpoint; any other file is one UserError line naming it."""
+    from checkpoint import load_checkpoint, require_kind
+    return require_kind(load_checkpoint(path), path, 'words', 'visualize.py')
 
 
 def _checkpoints(run_dir):
-    names = [n for n in os.listdir(run_dir) if n.endswith('.pth')]
+    from config import LAST_STATE  # the resumable state of a run, not a checkpoint of its words
+    names = [n for n in os.listdir(run_dir) if n.endswith('.pth') and n != LAST_STATE]
     parsed = [(n, parse_checkpoint_name(n)) for n in names]
     order = {'nopush': 0, 'push': 1, 'last': 2}
     known = sorted([(n, p) for n, p in parsed if p],
@@ -548,7 +562,6 @@ def write_run_report(run_dir, checkpoint=None, by_class=False, log=print):
 
 
 def _write_run_report(run_dir, checkpoint, by_class, log):
-    from checkpoint import load_checkpoint
     if not os.path.isdir(run_dir):
         raise FileNotFoundError('run folder not found: %s' % run_dir)
     run_name = os.path.basename(os.path.normpath(run_dir))
@@ -580,7 +593,7 @@ def _write_run_report(run_dir, checkpoint, by_class, log):
 
     ckpt = None
     if final and os.path.isfile(os.path.join(run_dir, final)):
-        ckpt = load_checkpoint(os.path.join(run_dir, final))
+        ckpt = load_word_checkpoint(os.path.join(run_dir, final))
     heat = None
     if ckpt is not None:
         weight = ckpt['state_dict']['last_layer.weight']
@@ -699,13 +712,15 @@ def main(argv=None):
         raise config.UserError('run folder not found: %s' % args.run_dir)
     if args.checkpoint and not os.path.isfile(os.path.join(args.run_dir, args.checkpoint)):
         raise config.UserError('checkpoint not found: %s' % os.path.join(args.run_dir, args.checkpoint))
+    summary = _read_json(os.path.join(args.run_dir, 'run_summary.json')) or {}
+    name = args.checkpoint or summary.get('final_checkpoint') or (_checkpoints(args.run_dir) or [None])[-1]
+    ckpt = None
+    if name and os.path.isfile(os.path.join(args.run_dir, name)):  # checked here, before any picture is drawn
+        ckpt = load_word_checkpoint(os.path.join(args.run_dir, name))
     if args.redraw:
-        from checkpoint import load_checkpoint
-        summary = _read_json(os.path.join(args.run_dir, 'run_summary.json')) or {}
-        name = args.checkpoint or summary.get('final_checkpoint') or (_checkpoints(args.run_dir) or [None])[-1]
         if name is None:
             raise config.UserError('%s holds no checkpoint' % args.run_dir)
-        ckpt = load_checkpoint(os.path.join(args.run_dir, name))
+        ckpt = ckpt or load_word_checkpoint(os.path.join(args.run_dir, name))
         epoch, kind = checkpoint_info(ckpt, name)
         folder, note = word_source_folder(args.run_dir, epoch, kind)
         if folder is None:

@@ -12,6 +12,7 @@ import torch
 import config
 import eval_metrics as em
 import interp_metrics as im
+import perturbation_metrics as pert
 import word_metrics as wm
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from finetune_backbone import load_base_model
@@ -78,7 +79,11 @@ def test_metrics_equal_direct_interp_metrics_calls(setup, tmp_path):
     for name, maps in all_maps.items():
         m = saved['sources'][name]['metrics']
         summary = im.pointing_game_summary(im.pointing_game_hits(maps, obj, tau), labels, 3)
-        assert m['pointing_game']['value'] == pytest.approx(summary['class_mean_all'], abs=1e-9)
+        # the headline is the class mean over the classes present (issue 8); all 3 are here
+        assert m['pointing_game']['value'] == pytest.approx(summary['class_mean_present'], abs=1e-9)
+        assert m['pointing_game']['averaging'] == 'class mean over the 3 of 3 classes present'
+        assert m['pointing_game']['classes_present'] == 3
+        assert m['pointing_game']['class_mean_all_classes_torchray'] == pytest.approx(summary['class_mean_all'])
         assert m['pointing_game']['image_mean'] == pytest.approx(summary['image_mean'], abs=1e-9)
         assert m['pointing_game']['params']['tau_px'] == pytest.approx(tau, abs=1e-4)
         spg = torch.tensor([float(im.stochastic_pointing_game(maps[i:i + 1], obj[i:i + 1], tau, 100, seed=i)[0])
@@ -104,8 +109,8 @@ def test_metrics_equal_direct_interp_metrics_calls(setup, tmp_path):
     # insertion / deletion of the LVW map with the LVW softmax on the 3 evenly spaced images
     sub = [0, 4, 8]
     proba = lambda x: torch.softmax(lvw_model(x).logits, dim=1)  # noqa: E731
-    ins = im.insertion_auc(proba, normalize(images[sub]), lvw_maps[sub], step=1024)
-    dele = im.deletion_auc(proba, normalize(images[sub]), lvw_maps[sub], step=1024)
+    ins = pert.insertion_auc(proba, normalize(images[sub]), lvw_maps[sub], step=1024)
+    dele = pert.deletion_auc(proba, normalize(images[sub]), lvw_maps[sub], step=1024)
     lvw = saved['sources']['lvw']
     assert lvw['metrics']['insertion_auc']['value'] == pytest.approx(float(ins.mean()), abs=1e-4)
     assert lvw['metrics']['deletion_auc']['value'] == pytest.approx(float(dele.mean()), abs=1e-4)
@@ -139,9 +144,56 @@ def test_gradcam_computed_from_the_base_model(setup, tmp_path):
     labels = torch.tensor([test.samples[i][1] for i in idx])
     summary = im.pointing_game_summary(im.pointing_game_hits(maps, obj, im.pointing_tolerance(S)), labels, 3)
     m = res['sources']['gradcam']['metrics']
-    assert m['pointing_game']['value'] == pytest.approx(summary['class_mean_all'], abs=1e-9)
+    assert m['pointing_game']['value'] == pytest.approx(summary['class_mean_present'], abs=1e-9)
     assert 'insertion_auc' not in m and res['auc_images'] == 0
     assert res['stability_iou'] == {}
+
+
+def test_class_mean_over_the_classes_present(setup, tmp_path, capsys):
+    # Issue 8: -max_images 2 of 9 images (3 per class) takes images 0 and 8, of classes 0 and 2.
+    # The headline pointing game averages those 2 classes; class 1, with no image, no longer counts
+    # as 0 (TorchRay's all-class mean is kept beside it, and the run says so).
+    res = em.main(['-test_atts', setup['atts'], '-out', str(tmp_path), '-auc_images', '0', '-max_images', '2',
+                   *settings_args(setup['toy'])])
+    test = setup['test']
+    obj = em.load_masks([test.samples[i][0] for i in (0, 8)], S)['object']
+    maps = torch.from_numpy(np.load(setup['atts'])[[0, 8]])
+    hits = im.pointing_game_hits(maps, obj, im.pointing_tolerance(S))
+    pg = res['sources']['gradcam']['metrics']['pointing_game']
+    assert pg['value'] == pytest.approx(float(hits.double().mean()))  # (acc_0 + acc_2) / 2, one image each
+    assert pg['class_mean_all_classes_torchray'] == pytest.approx(float(hits.double().sum()) / 3)
+    assert pg['averaging'] == 'class mean over the 2 of 3 classes present' and pg['classes_present'] == 2
+    assert pg['per_class'][1] is None
+    assert ('pointing game: the 2 images evaluated cover 2 of the 3 classes; its class mean is over those 2 '
+            '(TorchRay\'s mean over all 3, absent classes as 0, is reported beside it)') in capsys.readouterr().out
+    md = open(os.path.join(str(tmp_path), 'metrics.md')).read()
+    assert '| pointing game (object), TorchRay mean over all 3 classes (absent = 0) |' in md
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_nonfinite_map_is_a_one_line_user_error(setup, tmp_path, monkeypatch, capsys, bad):
+    # Issue 8: a NaN map's argmax fell outside the image and could score a hit. eval_metrics now
+    # checks every source's maps once, before any metric, and names the source and the image.
+    batch = em.GradCamSource.batch
+
+    def broken_batch(self, images_n, labels, indices):
+        maps, preds = batch(self, images_n, labels, indices)
+        maps = maps.clone()
+        for j, i in enumerate(indices):
+            if i in (4, 7):  # 4 is the first offending image, in the second batch of 3
+                maps[j, 5, 6] = bad
+        return maps, preds
+
+    monkeypatch.setattr(em.GradCamSource, 'batch', broken_batch)
+    argv = ['-test_atts', setup['atts'], '-out', str(tmp_path), '-auc_images', '0', '-batch_size', '3',
+            *settings_args(setup['toy'])]
+    image = os.path.relpath(setup['test'].samples[4][0], os.path.join(setup['toy'], 'test'))
+    with pytest.raises(SystemExit) as exit_info:
+        config.run_cli(em.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == 'error: source gradcam: the map of test image %s holds NaN or inf values\n' % image
+    assert not os.path.exists(os.path.join(str(tmp_path), 'metrics.json'))
 
 
 def test_masks_are_resized_with_nearest(tmp_path):

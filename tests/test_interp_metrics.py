@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import interp_metrics as im
+import perturbation_metrics as pm
 import word_metrics as wm
 
 
@@ -83,13 +84,19 @@ def test_pointing_game_ties_first_in_row_major_order():
     assert im.pointing_game_hits(maps, mask_near_second, 1.5).tolist() == [0.0]
 
 
-def test_pointing_game_empty_mask_is_nan():
-    maps = point_map(8, 8, 3, 3, n=2)
-    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
-    masks[0, 3, 3] = True
+def test_pointing_game_empty_mask_is_a_miss():
+    # Issue 8: an empty mask used to give NaN (image left out). TorchRay's PointingGame.evaluate
+    # returns -1 (a miss) for it: there is no mask pixel within tau of any point. 4 images, all
+    # pointing at (3, 3): masks on the point, on the point, far away, empty -> hit, hit, miss, miss.
+    maps = point_map(8, 8, 3, 3, n=4)
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[0:2, 3, 3] = True
+    masks[2, 7, 7] = True
     hits = im.pointing_game_hits(maps, masks, 2.0)
-    assert hits[0].item() == 1.0
-    assert math.isnan(hits[1].item())
+    assert hits.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert im.image_mean(hits) == (0.5, 4)  # 2 / 4, not 2 / 3 = 0.667 as when the empty one was skipped
+    s = im.pointing_game_summary(hits, torch.zeros(4, dtype=torch.long), num_classes=1)
+    assert s["image_mean"] == 0.5 and s["n_valid"] == 4 and s["n_skipped"] == 0
 
 
 def test_pointing_game_matches_brute_force_and_dilation():
@@ -104,10 +111,7 @@ def test_pointing_game_matches_brute_force_and_dilation():
         dil = im.dilate_mask(masks, tau)
         for i in range(N):
             y, x = pts[i].tolist()
-            if not masks[i].any():
-                assert math.isnan(hits[i].item())
-                continue
-            ref = brute_force_hit(masks[i], y, x, tau)
+            ref = brute_force_hit(masks[i], y, x, tau)  # False for the empty masks[0]: a miss, not NaN
             assert hits[i].item() == float(ref)
             assert bool(dil[i, y, x]) == ref
         # dilation contains the mask and agrees with the gather test everywhere
@@ -130,8 +134,65 @@ def test_pointing_game_class_averaging_torchray():
     assert s["hits_per_class"].tolist() == [2, 2, 0, 0]
     assert s["misses_per_class"].tolist() == [1, 0, 0, 0]
     assert s["n_valid"] == 5 and s["n_skipped"] == 1
+    assert s["n_classes_present"] == 2 and s["present"].tolist() == [True, True, False, False]
     with pytest.raises(ValueError):
         im.pointing_game_summary(hits, torch.tensor([0, 0, 0, 1, 1, 4]), num_classes=4)
+
+
+def test_pointing_game_class_mean_over_present_classes():
+    # Issue 8: labels drawn from 2 of 4 classes (as a -max_images subset can be). The headline
+    # mean is over those 2: class 0 hits 2 of 3, class 2 hits 1 of 2 -> (2/3 + 1/2) / 2 = 7/12.
+    # TorchRay's mean over all 4 (absent classes as 0) stays available: 7/24.
+    labels = torch.tensor([0, 0, 0, 2, 2])
+    hits = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    s = im.pointing_game_summary(hits, labels, num_classes=4)
+    assert s["class_mean_present"] == pytest.approx(7 / 12)
+    assert s["n_classes_present"] == 2
+    assert s["class_mean_all"] == pytest.approx(7 / 24)
+    assert s["image_mean"] == pytest.approx(3 / 5)
+    full = im.pointing_game_summary(hits, torch.tensor([0, 0, 1, 2, 3]), num_classes=4)
+    assert full["n_classes_present"] == 4  # every class present: the two means agree
+    # per class 1/2, 1, 1, 0 -> 2.5 / 4
+    assert full["class_mean_present"] == full["class_mean_all"] == pytest.approx(0.625)
+
+
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+MAP_FUNCTIONS = {
+    "pointing_game_hits": lambda m, k: im.pointing_game_hits(m, k, 2.0),
+    "stochastic_pointing_game": lambda m, k: im.stochastic_pointing_game(m, k, 2.0),
+    "content_heatmap": im.content_heatmap,
+    "box_precision": im.box_precision,
+    "area_size": lambda m, k: im.area_size(m),
+    "map_argmax_points": lambda m, k: im.map_argmax_points(m),
+    "sample_map_points": lambda m, k: im.sample_map_points(m, 5),
+    "stability_iou": lambda m, k: im.stability_iou(torch.rand(m.shape), m),
+    "insertion_auc": lambda m, k: pm.insertion_auc(mean_prob_model, torch.rand(m.shape[0], 3, *m.shape[1:]), m),
+    "deletion_auc": lambda m, k: pm.deletion_auc(mean_prob_model, torch.rand(m.shape[0], 3, *m.shape[1:]), m),
+}
+
+
+@pytest.mark.parametrize("bad", NONFINITE)
+@pytest.mark.parametrize("name", sorted(MAP_FUNCTIONS))
+def test_nonfinite_maps_are_refused(name, bad):
+    # Issue 8: NaN compares false with everything, so a NaN map's argmax fell one row below the
+    # image and could still score a hit; every function taking maps now refuses NaN / inf.
+    maps = torch.rand(3, 8, 8)
+    maps[1, 4, 5] = bad
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[:, 7, 0:3] = True
+    with pytest.raises(ValueError, match="map 1 holds NaN or inf"):
+        MAP_FUNCTIONS[name](maps, masks)
+
+
+def test_nan_map_would_have_hit_below_the_image():
+    # Why the check exists: the first-maximum search finds no maximum in an all-NaN row and
+    # returns the flat index H * W, i.e. (H, 0), within tau of a mask on the last row.
+    maps = torch.full((1, 8, 8), float("nan"))
+    assert im._first_argmax_flat(maps.reshape(1, -1)).tolist() == [64]
+    assert im.first_nonfinite_map(maps) == 0
+    assert im.first_nonfinite_map(torch.rand(2, 8, 8)) is None
+    ok = torch.rand(2, 8, 8)
+    assert im.check_finite_maps(ok) is ok
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +259,7 @@ def test_spg_reproducible_and_seed_dependent():
     assert not torch.equal(a, c)
 
 
-def test_spg_skips():
+def test_spg_skips_zero_maps_and_scores_empty_masks_0():
     H = W = 8
     maps = torch.zeros(3, H, W)
     maps[0, 1, 1] = 1.0
@@ -207,8 +268,22 @@ def test_spg_skips():
     masks[:2, 1, 1] = True  # image 2: empty mask; image 1: zero map
     spg = im.stochastic_pointing_game(maps, masks, tau=1.0, seed=0)
     assert spg[0].item() == 100.0
-    assert math.isnan(spg[1].item()) and math.isnan(spg[2].item())
-    assert im.image_mean(spg) == (100.0, 1)
+    # a zero map has nothing to sample: skipped. An empty mask (was NaN before issue 8) is
+    # 0 %: every sample misses, the pointing game's TorchRay rule.
+    assert math.isnan(spg[1].item()) and spg[2].item() == 0.0
+    assert im.image_mean(spg) == (50.0, 2)
+
+
+def test_spg_empty_mask_counts_as_a_miss():
+    # 4 images drawing all their samples at (1, 1): masks there, there, far, empty ->
+    # 100, 100, 0, 0 %: image mean 50, not 66.7 as when the empty mask was skipped.
+    maps = point_map(8, 8, 1, 1, n=4)
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[0:2, 1, 1] = True
+    masks[2, 7, 7] = True
+    spg = im.stochastic_pointing_game(maps, masks, tau=1.0, seed=0)
+    assert spg.tolist() == [100.0, 100.0, 0.0, 0.0]
+    assert im.image_mean(spg) == (50.0, 4)
 
 
 # ---------------------------------------------------------------------------
@@ -237,10 +312,10 @@ def test_content_heatmap():
 # ---------------------------------------------------------------------------
 
 def test_curve_auc_hand_made():
-    assert im.curve_auc(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])).item() == pytest.approx(0.5)
+    assert pm.curve_auc(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])).item() == pytest.approx(0.5)
     # (0 + 1 + 1 + 1 + 1 - 0/2 - 1/2) / 4 = 3.5 / 4
-    assert im.curve_auc(torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0])).item() == pytest.approx(0.875)
-    assert im.curve_auc(torch.tensor([[0.2, 0.6], [1.0, 1.0]])).tolist() == pytest.approx([0.4, 1.0])
+    assert pm.curve_auc(torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0])).item() == pytest.approx(0.875)
+    assert pm.curve_auc(torch.tensor([[0.2, 0.6], [1.0, 1.0]])).tolist() == pytest.approx([0.4, 1.0])
 
 
 def mean_prob_model(x):
@@ -252,19 +327,19 @@ def mean_prob_model(x):
 def test_deletion_and_insertion_exact_curves():
     images = torch.ones(1, 3, 2, 2)
     maps = torch.tensor([[[4.0, 3.0], [2.0, 1.0]]])
-    auc, curves, tg = im.deletion_auc(mean_prob_model, images, maps, step=1, return_curves=True)
+    auc, curves, tg = pm.deletion_auc(mean_prob_model, images, maps, step=1, return_curves=True)
     assert tg.tolist() == [0]
     assert curves[0].tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     assert auc.item() == pytest.approx(0.5)
     # default step = W = 2 -> n = 3
-    _, curves, _ = im.deletion_auc(mean_prob_model, images, maps, return_curves=True)
+    _, curves, _ = pm.deletion_auc(mean_prob_model, images, maps, return_curves=True)
     assert curves[0].tolist() == pytest.approx([1.0, 0.5, 0.0])
     # step 3 -> n = ceil(4 / 3) + 1 = 3, removed counts 0, 3, 4
-    auc, curves, _ = im.deletion_auc(mean_prob_model, images, maps, step=3, return_curves=True)
+    auc, curves, _ = pm.deletion_auc(mean_prob_model, images, maps, step=3, return_curves=True)
     assert curves[0].tolist() == pytest.approx([1.0, 0.25, 0.0])
     assert auc.item() == pytest.approx((1.25 - 0.5) / 2)
     # insertion from a zero baseline
-    auc, curves, _ = im.insertion_auc(mean_prob_model, images, maps, step=1,
+    auc, curves, _ = pm.insertion_auc(mean_prob_model, images, maps, step=1,
                                       baseline=torch.zeros_like(images), return_curves=True)
     assert curves[0].tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
     assert auc.item() == pytest.approx(0.5)
@@ -280,7 +355,7 @@ def test_deletion_order_descending_with_stable_ties():
     maps = torch.zeros(2, 2, 2)
     maps[0] = 1.0                 # all tied -> index order: (0,1) is removed 2nd
     maps[1] = torch.tensor([[0.0, 0.0], [5.0, 5.0]])  # (0,1) tied with (0,0), removed 4th
-    _, curves, tg = im.deletion_auc(model, images, maps, step=1, return_curves=True)
+    _, curves, tg = pm.deletion_auc(model, images, maps, step=1, return_curves=True)
     assert tg.tolist() == [0, 0]
     assert curves[0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0, 0.0])
     assert curves[1].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.0])
@@ -301,10 +376,10 @@ def test_insertion_deletion_good_map_beats_reversed():
     good = torch.zeros(N, 16, 16)
     good[:, :8, :8] = 1.0
     bad = 1.0 - good
-    ins_good, c_ins_good, tg = im.insertion_auc(region_model, images, good, return_curves=True)
-    ins_bad = im.insertion_auc(region_model, images, bad)
-    del_good = im.deletion_auc(region_model, images, good)
-    del_bad = im.deletion_auc(region_model, images, bad)
+    ins_good, c_ins_good, tg = pm.insertion_auc(region_model, images, good, return_curves=True)
+    ins_bad = pm.insertion_auc(region_model, images, bad)
+    del_good = pm.deletion_auc(region_model, images, good)
+    del_bad = pm.deletion_auc(region_model, images, bad)
     assert tg.tolist() == [0, 0, 0]
     assert c_ins_good.shape == (N, 16 * 16 // 16 + 1)
     # end of insertion = clean image prob
@@ -350,12 +425,12 @@ def test_perturbation_batching_matches_naive_reference():
     maps = torch.randint(0, 4, (3, 8, 8), generator=g).float()  # many ties
     ref, ref_t = naive_deletion_curves(model, images, maps, step=5)
     for bs in (1, 7, 1000):
-        auc, curves, tg = im.deletion_auc(model, images, maps, step=5, batch_size=bs,
+        auc, curves, tg = pm.deletion_auc(model, images, maps, step=5, batch_size=bs,
                                           return_curves=True)
         assert curves.shape == (3, math.ceil(64 / 5) + 1)
         assert torch.equal(tg, ref_t)
         assert torch.allclose(curves, ref, atol=1e-5)
-        assert torch.allclose(auc, im.curve_auc(ref), atol=1e-5)
+        assert torch.allclose(auc, pm.curve_auc(ref), atol=1e-5)
 
 
 def test_mean_auc_equals_auc_of_mean_curve_and_blur_baseline():
@@ -364,11 +439,11 @@ def test_mean_auc_equals_auc_of_mean_curve_and_blur_baseline():
     g = torch.Generator().manual_seed(2)
     images = torch.randn(6, 3, 12, 12, generator=g)
     maps = torch.rand(6, 12, 12, generator=g)
-    aucs, curves, _ = im.insertion_auc(model, images, maps, return_curves=True, batch_size=32)
+    aucs, curves, _ = pm.insertion_auc(model, images, maps, return_curves=True, batch_size=32)
     assert curves.shape == (6, 13)
-    assert aucs.mean().item() == pytest.approx(im.curve_auc(curves.mean(0)).item(), abs=1e-6)
+    assert aucs.mean().item() == pytest.approx(pm.curve_auc(curves.mean(0)).item(), abs=1e-6)
     # first point of insertion = blurred image, last = clean image
-    blurred = im.gaussian_blur(images, 11, 5.0)
+    blurred = pm.gaussian_blur(images, 11, 5.0)
     with torch.no_grad():
         p_blur = model(blurred)
         p_clean = model(images)
@@ -380,13 +455,13 @@ def test_mean_auc_equals_auc_of_mean_curve_and_blur_baseline():
 def test_gaussian_blur_properties():
     # constant interior is preserved (kernel sums to 1), zero padding darkens borders
     x = torch.ones(1, 3, 32, 32)
-    y = im.gaussian_blur(x, 11, 5.0)
+    y = pm.gaussian_blur(x, 11, 5.0)
     assert torch.allclose(y[:, :, 5:27, 5:27], torch.ones(1, 3, 22, 22), atol=1e-5)
     assert y[0, 0, 0, 0].item() < 0.5
     # channels are blurred separately
     x = torch.zeros(1, 3, 21, 21)
     x[0, 1, 10, 10] = 1.0
-    y = im.gaussian_blur(x, 11, 5.0)
+    y = pm.gaussian_blur(x, 11, 5.0)
     assert y[0, 0].abs().max().item() == 0.0 and y[0, 2].abs().max().item() == 0.0
     assert y[0, 1].sum().item() == pytest.approx(1.0, abs=1e-5)
     # ratio of neighbouring weights follows the Gaussian

@@ -2,6 +2,7 @@
 source patches only for checkpoints whose words are patches."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -115,5 +116,5 @@ def test_same_stem_twice_and_errors(tiny_run, test_images, tmp_path):
         local_analysis.main([str(tmp_path / 'x.pth'), test_images[0]])
     bad = tmp_path / 'bad.png'
     bad.write_text('not an image')
-    with pytest.raises(config.UserError, match='cannot read image'):
+    with pytest.raises(config.UserError, match='cannot decode image %s: ' % re.escape(str(bad))):
         local_analysis.main([ckpt, str(bad), '-out', str(tmp_path / 'o')])

@@ -77,7 +77,8 @@ def test_end_to_end_through_the_five_scripts(tmp_path, monkeypatch, capsys):
         assert maps.shape == (n, 64, 64) and maps.dtype == np.float32
         assert maps.min() >= 0 and maps.max() <= 1 and maps.max(axis=(1, 2)).min() > 0.99
         with open(outputs[split]['path'][:-4] + '.txt') as f:
-            listed = f.read().split()
+            header, *listed = f.read().split('\n')[:-1]
+        assert re.fullmatch(r'# maps crc32 [0-9a-f]{8} shape %d,64,64 dtype float32' % n, header)
         assert len(listed) == n and listed[0].startswith(make_toy.class_names(3)[0] + '/')
 
     summary = lvw_main.main(['-dataset', 'toy', '-set', *sets])
@@ -108,6 +109,7 @@ def test_end_to_end_through_the_five_scripts(tmp_path, monkeypatch, capsys):
     assert 'test iou: %.4f' % result['iou'] in printed
     assert 0 < result['iou'] <= 1 and len(result['ious']) == 9
     assert result['accuracy'] == pytest.approx(summary['final_accuracy'], abs=1e-6)
+    assert result['csv'] == os.path.join(run, '%s_grad_test_toy_iou_thr50_low.csv' % summary['final_checkpoint'][:-4])
     with open(result['csv']) as f:
         per_image = list(csv.DictReader(f))
     assert len(per_image) == 9 and np.mean([float(r['iou']) for r in per_image]) == pytest.approx(result['iou'], abs=1e-5)
@@ -133,7 +135,7 @@ def run_script(script, args, cwd):
      'error: attention maps not found: missing.npy (make them with gradcam_extract.py)'),
     ('main.py', ['-set', 'learning_rate=0.1'], "error: -set: unknown settings name 'learning_rate' (see settings.py)"),
     ('eval_iou.py', ['-modeldir', '.', '-model', 'x.pth', '-test_atts', 'y.npy', '-thr', '150'],
-     'error: -thr must be a percentile between 0 and 100, got 150'),
+     'error: -thr must be a percentile strictly between 0 and 100, got 150'),
     ('eval_iou.py', ['-modeldir', 'runs', '-model', 'x.pth', '-test_atts', 'y.npy', '-thr', '50'],
      'error: checkpoint not found: runs/x.pth'),
     ('finetune_backbone.py', [], 'error: image folder not found: ./data/toy/train/'),

@@ -15,7 +15,7 @@ import word_metrics
 import push
 import visualize as vis
 from checkpoint import save_checkpoint
-from image_data import ImageDataset, make_loader
+from image_data import ImageDataset, MapChecksum, checksum_line, make_loader
 from model import build_model
 from receptive_field import layer_specs, word_layer_rf_info
 from tests.conftest import tiny_overrides
@@ -218,9 +218,12 @@ def test_main_writes_gallery_and_report(tmp_path, tiny_toy, monkeypatch):
     for split in ('train', 'test'):
         ds = ImageDataset(os.path.join(tiny_toy, split), 64)
         atts[split] = str(tmp_path / ('grad_%s.npy' % split))
-        np.save(atts[split], np.random.default_rng(0).random((len(ds), 64, 64), dtype=np.float32))
-        with open(atts[split][:-4] + '.txt', 'w') as f:
-            f.write(''.join(p + '\n' for p in ds.paths))
+        maps = np.random.default_rng(0).random((len(ds), 64, 64), dtype=np.float32)
+        np.save(atts[split], maps)
+        checksum = MapChecksum()
+        checksum.update(maps)
+        with open(atts[split][:-4] + '.txt', 'w') as f:  # as gradcam_extract.py writes it: no warning
+            f.write(checksum_line(checksum, maps.shape, maps.dtype) + '\n' + ''.join(p + '\n' for p in ds.paths))
     lvw_main.main(['-dataset', 'toy', '-set', *sets, '-train_atts', atts['train'], '-test_atts', atts['test']])
     run = os.path.join('saved_models', 'resnet18', 'hooks')
     assert os.path.isfile(os.path.join(run, 'img', 'epoch-1', 'gallery-1.png'))

@@ -1,0 +1,112 @@
+"""One rule per name of settings.py, checked by config.finish_settings (so settings.py, presets,
+-set overrides and the settings stored in checkpoints are all checked alike).
+
+A rule is a function rule(name, value, s) that raises config.UserError
+'setting NAME must be WHAT, got VALUE' when `value` is wrong; `s` is the whole settings dict. The
+rules are made by config's helpers: _int(lo, hi), _number(lo, hi, above) (above=True: > lo),
+_bool, _choice(...), _text(), _folder(), _list(item), _dict(keys, item), _shape, _epochs_before(name)
+(none=True also accepts None). They are checked in this table's order, so a rule may rely on the
+names above it (push_epochs on num_train_epochs).
+Cross-name checks (words per class, topk) follow in config.finish_settings.
+"""
+from config import _bool, _choice, _dict, _epochs_before, _folder, _int, _list, _number, _shape, _text
+
+_lr = _number(0, above=True)
+_decay = _number(0)
+_optimizer = _choice('adamw', 'sgd')
+_milestones = _list(_int(0))
+_interpolation = _choice('bilinear', 'bicubic')
+_normalisation = _choice('max', 'minmax')
+_signs = ('+', '-')  # SCOUTER+ and SCOUTER- values
+
+
+RULES = {
+    'dataset': _folder(),
+    # model
+    'base_architecture': _choice('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'),  # model.RESNETS
+    'pretrained': _bool,
+    'img_size': _int(32),
+    'prototype_shape': _shape,
+    'num_classes': _int(1),
+    'prototype_activation_function': _choice('log', 'linear'),
+    'add_on_layers_type': _choice('regular', 'bottleneck'),
+    'incorrect_class_connection': _number(),
+    'epsilon': _number(0, above=True),
+    # data
+    'experiment_run': _folder(),
+    'data_path': _text(),
+    'train_dir': _text(none=True),
+    'test_dir': _text(none=True),
+    'train_push_dir': _text(none=True),
+    'train_batch_size': _int(1),
+    'test_batch_size': _int(1),
+    'train_push_batch_size': _int(1),
+    'num_workers': _int(0),
+    'image_check': _choice('header', 'full', 'off'),
+    # optimisation
+    'joint_optimizer_lrs': _dict(('features', 'add_on_layers', 'prototype_vectors'), _lr),
+    'joint_lr_step_size': _int(1),
+    'warm_optimizer_lrs': _dict(('add_on_layers', 'prototype_vectors'), _lr),
+    'last_layer_optimizer_lr': _lr,
+    'weight_decay': _decay,
+    'coefs': _dict(('crs_ent', 'clst', 'sep', 'l1'), _number()),
+    'attention_weight': _number(0),
+    'topk': _int(1),  # at most the number of words: finish_settings
+    'class_specific': _bool,
+    # schedule
+    'num_train_epochs': _int(1),
+    'num_warm_epochs': _int(0),
+    'push_start': _int(0),
+    'push_interval': _int(1),
+    'push_epochs': _epochs_before('num_train_epochs'),
+    'last_layer_iterations': _int(0),
+    'save_threshold': _number(-1, 1),  # saved when accuracy > it: a negative one saves every checkpoint
+    'keep_checkpoints': _int(1, none=True),
+    'seed': _int(),
+    # attention maps
+    'attention_flip': _choice('joint', 'double'),
+    'train_map_interpolation': _interpolation,
+    'train_map_normalisation': _normalisation,
+    'eval_map_interpolation': _interpolation,
+    'eval_map_normalisation': _normalisation,
+    'push_save_images': _bool,
+    # base model
+    'finetune_epochs': _int(0),
+    'finetune_lr': _lr,
+    'finetune_batch_size': _int(1),
+    'gradcam_target': _choice('pred', 'label'),
+    # peers
+    'peer_run': _folder(none=True),
+    'scouter_hidden_dim': _int(4),  # a multiple of 4: peers/scouter.py
+    'scouter_to_k_layers': _int(1),
+    'scouter_iterations': _int(1),
+    'scouter_slots_per_class': _dict(_signs, _int(1)),
+    'scouter_lambda': _dict(_signs, _number(0)),
+    'scouter_power': _number(0, above=True),
+    'scouter_freeze_layers': _int(0, 4),
+    'scouter_optimizer': _optimizer,
+    'scouter_lr': _lr,
+    'scouter_weight_decay': _decay,
+    'scouter_milestones': _milestones,
+    'scouter_gamma': _number(0, above=True),
+    'scouter_epochs': _int(0),
+    'scouter_batch_size': _int(1),
+    'gc_lambda': _number(0),
+    'gc_maxpool': _bool,
+    'gc_optimizer': _optimizer,
+    'gc_lr': _lr,
+    'gc_weight_decay': _decay,
+    'gc_milestones': _milestones,
+    'gc_gamma': _number(0, above=True),
+    'gc_epochs': _int(0),
+    'gc_batch_size': _int(1),
+    'lfi_conv1_stride': _choice(1, 2),
+    'lfi_fin_convs': _int(0),
+    'lfi_optimizer': _optimizer,
+    'lfi_lr': _lr,
+    'lfi_weight_decay': _decay,
+    'lfi_milestones': _milestones,
+    'lfi_gamma': _number(0, above=True),
+    'lfi_epochs': _int(0),
+    'lfi_batch_size': _int(1),
+}
