@@ -26,5 +26,9 @@ demo-peers: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# only what the demos write (their runs moved aside by -overwrite included), not other runs
+DEMO_RUNS := toy_lvw toy_protopnet toy_scouter_plus toy_scouter_minus toy_gc toy_lfi_cam
 clean-demo:
-	rm -rf data/toy data/grad_train_toy.* data/grad_test_toy.* saved_models/base saved_models/resnet18 saved_models/demo_results.json saved_models/demo_peers
+	rm -rf data/toy data/grad_train_toy.* data/grad_test_toy.* saved_models/base/toy_resnet18.* \
+		$(foreach r,$(DEMO_RUNS),saved_models/resnet18/$(r) saved_models/resnet18/$(r).replaced-*) \
+		saved_models/demo_results.json saved_models/demo_peers

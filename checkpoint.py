@@ -121,7 +121,7 @@ def state_mismatch(own, state):
     return None if missing is None else 'missing key %r' % missing
 
 
-def load_state(model, ckpt, path):
+def load_weights(model, ckpt, path):
     """model.load_state_dict(ckpt['state_dict']); a mismatch is one line naming the file."""
     problem = state_mismatch(model.state_dict(), ckpt['state_dict'])
     if problem:
@@ -143,7 +143,7 @@ def model_from_checkpoint(ckpt, device='cpu', overrides=None, path='the checkpoi
     from model import build_model
     s = checkpoint_settings(ckpt, overrides)
     model = build_model(dict(s, pretrained=False), log=lambda *_: None)
-    load_state(model, ckpt, path)
+    load_weights(model, ckpt, path)
     return model.to(device).eval(), s
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import config
 import run_state
-from checkpoint import load_checkpoint, load_state, require_kind, save_checkpoint
+from checkpoint import load_checkpoint, load_weights, require_kind, save_checkpoint
 from image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
 from model import RESNETS, load_start_weights
 
@@ -42,7 +42,7 @@ def load_base_model(path, device='cpu', script='gradcam_extract.py'):
     """The fine-tuned classifier and its checkpoint dict (from finetune_backbone.py); any other
     file is one UserError line naming it, and `script`, the one that needs the base model."""
     ckpt = require_kind(load_checkpoint(path), path, 'base', script)
-    model = load_state(make_base_model(ckpt['arch'], len(ckpt['class_names'])), ckpt, path)
+    model = load_weights(make_base_model(ckpt['arch'], len(ckpt['class_names'])), ckpt, path)
     return model.to(device).eval(), ckpt
 
 

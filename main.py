@@ -25,7 +25,7 @@ import run_state
 import train_and_test as tnt
 import visualize
 from checkpoint import CheckpointKeeper, checkpoint_name
-from image_data import ImageDataset, check_images, check_same_classes, make_loader
+from image_data import ImageDataset, check_images, check_same_classes, make_loader, read_sidecar_file
 from model import build_model
 from receptive_field import layer_specs, word_layer_rf_info
 
@@ -166,6 +166,12 @@ def describe(schedule, index):
     return 'epoch %d %s%s' % (epoch, kind, '' if iteration is None else ' %d' % iteration)
 
 
+def map_checksum(npy_path):
+    """The checksum its sidecar records for a map file ('crc32 1a2b3c4d'), or None."""
+    header = (read_sidecar_file(npy_path) or (None, None))[0]
+    return '%s %s' % (header['algo'], header['hex']) if header else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-train_atts', default=None, help='Grad-CAM maps of train/ (default ./data/grad_train_<dataset>.npy)')
@@ -190,7 +196,9 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     folder = config.run_dir(s)
-    record = {'settings': s, 'train_atts': train_atts, 'test_atts': test_atts}
+    # the sidecars' checksums too: -resume refuses maps extracted again since the run started
+    record = {'settings': s, 'train_atts': train_atts, 'test_atts': test_atts,
+              'maps_checksums': [map_checksum(path) for path in (train_atts, test_atts)]}
     action = run_state.start_action(folder, args.overwrite, args.resume, 'experiment_run', record)
     if action == 'finished':
         return run_state.finished_summary(folder)

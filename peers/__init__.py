@@ -39,10 +39,10 @@ def is_peer_checkpoint(ckpt):
 def peer_from_checkpoint(ckpt, device='cpu', path='the checkpoint', script='this script'):
     """(model in eval mode, its settings, its method) from a checkpoint written by train_peer.py;
     a checkpoint of another kind, or one whose weights do not fit, is one UserError line naming `path`."""
-    from checkpoint import checkpoint_settings, load_state, require_kind
+    from checkpoint import checkpoint_settings, load_weights, require_kind
     require_kind(ckpt, path, 'peer', script)
     method = ckpt['method']
     s = checkpoint_settings(ckpt)
     model = build_peer(method, dict(s, pretrained=False), len(ckpt['class_names']))
-    load_state(model, ckpt, path)
+    load_weights(model, ckpt, path)
     return model.to(device).eval(), s, method

@@ -166,6 +166,20 @@ def test_exception_then_resume_matches_the_uninterrupted_run(work, monkeypatch, 
         assert 'resumed from %s: %d of 9 passes done' % (os.path.join(run_path(run), 'last.pth'), done) in f.read()
 
 
+def test_resume_with_data_loader_workers_matches(work, monkeypatch):
+    """Workers draw the flips; they are started per pass from the restored generator, so a run
+    with workers resumes exactly too (its reference is a run with the same worker count)."""
+    monkeypatch.chdir(work)
+    lvw_main.main(lvw_args('workers_ref', 'num_workers=1'))
+    with monkeypatch.context() as patch:
+        fail_at(patch, push, 'normalize', 2)  # inside the first push: a joint epoch follows the resume
+        with pytest.raises(Boom):
+            lvw_main.main(lvw_args('workers_cut', 'num_workers=1'))
+    assert state_done('workers_cut') == 2
+    lvw_main.main(lvw_args('workers_cut', 'num_workers=1', '-resume'))
+    assert_same_run('workers_ref', 'workers_cut')
+
+
 def run_killed(args, target, k, mode='kill'):
     """tests/fault_runner.py: main.py in a subprocess that SIGKILLs itself at the k-th call of target."""
     return subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'fault_runner.py'), target, str(k), mode,
@@ -225,6 +239,16 @@ def test_resume_refuses_other_settings_and_finished_runs_are_left_alone(work, mo
             lvw_main.main(lvw_args('changed'))
     with pytest.raises(config.UserError, match=r"-resume: the settings differ from .*\(topk: 5 -> 4\)"):
         lvw_main.main(lvw_args('changed', 'topk=4', '-resume'))
+    sidecar = os.path.join(work, 'data', 'grad_test_toy.txt')
+    intact = open(sidecar).read()
+    with open(sidecar, 'w') as f:  # as if the maps had been extracted again since the run started
+        f.write(re.sub(r'crc32 [0-9a-f]{8}', 'crc32 00000000', intact, count=1))
+    try:
+        with pytest.raises(config.UserError, match=r'-resume: maps_checksums was .* when the run started, now'):
+            lvw_main.main(lvw_args('changed', '-resume'))
+    finally:
+        with open(sidecar, 'w') as f:
+            f.write(intact)
     with pytest.raises(config.UserError, match='exclude each other'):
         lvw_main.main(lvw_args('changed', '-resume', '-overwrite'))
     before = sorted(os.listdir(run_path('ref')))
