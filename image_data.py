@@ -326,16 +326,40 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, label = self.samples[index]
         image = load_image(path, self.img_size)
+        image_flip, map_flip = draw_flips(self.flip, self.attention is not None)
+        image = image.flip(-1) if image_flip else image
         if self.attention is None:
-            if self.flip != 'none' and torch.rand(()) < 0.5:
-                image = image.flip(-1)
             return image, label
         att = torch.from_numpy(np.array(self.attention[index], dtype=np.float32))
-        if self.flip == 'double' and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        if self.flip in ('joint', 'double') and torch.rand(()) < 0.5:
-            image, att = image.flip(-1), att.flip(-1)
-        return image, att, label
+        return image, att.flip(-1) if map_flip else att, label
+
+
+def draw_flips(flip, with_map):
+    """One sample's random flips, (image flipped, map flipped), drawn from torch's global generator
+    in a fixed order. Without a map: one p = 0.5 draw unless flip is 'none'. With a map: 'double'
+    draws an image-only flip first; 'joint' and 'double' then draw the flip of both."""
+    if not with_map:
+        return flip != 'none' and bool(torch.rand(()) < 0.5), False
+    image_only = flip == 'double' and bool(torch.rand(()) < 0.5)
+    both = flip in ('joint', 'double') and bool(torch.rand(()) < 0.5)
+    return image_only != both, both
+
+
+class FlipDraws(torch.utils.data.Dataset):
+    """A dataset's samples as (index, image flipped, map flipped, label), without loading anything:
+    a loader over it with the same batch size, shuffling and workers draws the same batches and
+    the same flips as a loader over the dataset itself (train_and_test.cached_last_layer_pass)."""
+
+    def __init__(self, dataset):
+        self.labels = [label for _, label in dataset.samples]
+        self.flip, self.with_map = dataset.flip, dataset.attention is not None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image_flip, map_flip = draw_flips(self.flip, self.with_map)
+        return index, image_flip, map_flip, self.labels[index]
 
 
 def make_loader(dataset, batch_size, shuffle, num_workers, device, drop_last=False):

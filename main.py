@@ -25,7 +25,7 @@ import run_state
 import train_and_test as tnt
 import visualize
 from checkpoint import CheckpointKeeper, checkpoint_name
-from image_data import ImageDataset, check_images, check_same_classes, make_loader, read_sidecar_file
+from image_data import FlipDraws, ImageDataset, check_images, check_same_classes, make_loader, read_sidecar_file
 from model import build_model
 from receptive_field import layer_specs, word_layer_rf_info
 
@@ -75,7 +75,10 @@ def prepare(s, train_atts, test_atts, device, gpuids=(), weights=None, log=print
     net = build_model(s, weights=weights, log=log).to(device)
     model = torch.nn.DataParallel(net, device_ids=list(gpuids)) if len(gpuids) > 1 else net
     warm_opt, joint_opt, joint_scheduler, last_opt = tnt.make_optimizers(net, s)
-    return types.SimpleNamespace(
+    # the cached last-layer passes draw their batches and flips through a loader built like the training one
+    draws_loader = make_loader(FlipDraws(train_loader.dataset), s['train_batch_size'], True, s['num_workers'],
+                               device) if s['last_layer_cache'] else None
+    return types.SimpleNamespace(draws_loader=draws_loader,
         train_loader=train_loader, test_loader=test_loader, push_loader=push_loader, classes=classes,
         net=net, model=model, joint_opt=joint_opt,
         opt={'warm': warm_opt, 'joint': joint_opt, 'last': last_opt},
@@ -118,14 +121,16 @@ def train(run, s, folder, device, log=print, state=None):
                     epoch=epoch, kind=kind, iteration=iteration)
         return [os.path.basename(path) if path else None, accuracy]
 
+    frozen_bn = s['frozen_bn_eval'] or s['last_layer_cache']
+    cache = None  # (epoch, the cached similarities of the frozen network after that epoch's push)
     start = time.time()
     for index in range(done, len(schedule)):
         kind, epoch, iteration = schedule[index]
         img_dir = os.path.join(folder, 'img', 'epoch-%d' % epoch) if s['push_save_images'] else None
         if kind in ('warm', 'joint'):
             (tnt.warm_only if kind == 'warm' else tnt.joint)(net)
-            metrics = tnt.train_or_test(model, run.train_loader, device, s, run.opt[kind],
-                                        use_attention=kind == 'joint', desc='epoch %d %s' % (epoch, kind))
+            metrics = tnt.train_or_test(model, run.train_loader, device, s, run.opt[kind], use_attention=kind == 'joint',
+                                        desc='epoch %d %s' % (epoch, kind), frozen_bn=frozen_bn and kind == 'warm')
             if kind == 'joint':
                 run.modules['joint_scheduler'].step()
             record(epoch, kind, 'train', metrics)
@@ -134,10 +139,21 @@ def train(run, s, folder, device, log=print, state=None):
             push.push_prototypes(model, run.push_loader, device, s['class_specific'], epoch=epoch, folder=img_dir,
                                  rf_info=run.rf_info, img_size=s['img_size'], log=log)
             final = save('push', epoch, test(epoch, 'push'))
+        elif s['last_layer_cache']:
+            tnt.last_only(net)
+            if cache is None or cache[0] != epoch:
+                cache = (epoch, tnt.build_last_layer_cache(net, run.train_loader.dataset, run.test_loader.dataset,
+                                                           device, s))
+            metrics = tnt.cached_last_layer_pass(net, cache[1], run.draws_loader, device, s, run.opt['last'],
+                                                 desc='epoch %d last layer %d (cached)' % (epoch, iteration))
+            record(epoch, 'last', 'train', metrics, iteration)
+            test_metrics = tnt.cached_test(net, cache[1], run.test_loader, device, s)
+            record(epoch, 'last', 'test', test_metrics, iteration)
+            final = save('last', epoch, test_metrics['accuracy'], iteration)
         else:
             tnt.last_only(net)
             metrics = tnt.train_or_test(model, run.train_loader, device, s, run.opt['last'], use_attention=True,
-                                        desc='epoch %d last layer %d' % (epoch, iteration))
+                                        desc='epoch %d last layer %d' % (epoch, iteration), frozen_bn=frozen_bn)
             record(epoch, 'last', 'train', metrics, iteration)
             final = save('last', epoch, test(epoch, 'last', iteration), iteration)
         if kind != 'warm' and kind != 'joint' and (index + 1 == len(schedule) or schedule[index + 1][0] != 'last'):

@@ -54,6 +54,8 @@ push_epochs = None             # ... unless this lists the push epochs explicitl
 last_layer_iterations = 20     # last-layer passes after each push
 save_threshold = 0.70          # checkpoints are written only above this test accuracy
 keep_checkpoints = None        # None keeps every checkpoint; k keeps the k newest plus the best
+frozen_bn_eval = False         # True: the backbone's BatchNorm in eval mode in the frozen phases (warm, last layer)
+last_layer_cache = False       # True: last-layer passes on similarities computed once per push (implies frozen_bn_eval)
 seed = 0
 
 # ---- attention maps (see README, "Deliberate deviations") -------------------------------------

@@ -62,6 +62,8 @@ RULES = {
     'last_layer_iterations': _int(0),
     'save_threshold': _number(-1, 1),  # saved when accuracy > it: a negative one saves every checkpoint
     'keep_checkpoints': _int(1, none=True),
+    'frozen_bn_eval': _bool,
+    'last_layer_cache': _bool,
     'seed': _int(),
     # attention maps
     'attention_flip': _choice('joint', 'double'),

@@ -11,6 +11,7 @@ with, for min distances d_min (B, P), labels y, class identity I (P, C) and last
               L1 = sum |W * (1 - I^T)|                               (D = max_dist)
     Attn = mean over pixels of (A_i - G_i)^2, A_i the normalised top-k word map, G_i the Grad-CAM map.
 """
+import copy
 import time
 
 import torch
@@ -130,30 +131,47 @@ def make_optimizers(model, s):
 
 def batch_losses(out, labels, gradcam, net, s, use_attention):
     """All loss terms of one batch as scalar tensors, plus 'total'. `net` is the unwrapped model."""
+    attention = None
+    if gradcam is not None:
+        word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
+                                      s['train_map_interpolation'], s['train_map_normalisation'])
+        attention = attention_loss(word_map, gradcam)
+    return combine_losses(out.logits, out.min_distances, labels, attention, net, s, use_attention)
+
+
+def combine_losses(logits, min_distances, labels, attention, net, s, use_attention):
+    """The loss terms from the logits (B, C), min distances (B, P) and the attention term (a scalar
+    or None), and their weighted sum 'total' (module docstring)."""
     identity = net.prototype_class_identity
     terms = {
-        'cross_entropy': F.cross_entropy(out.logits, labels),
-        'cluster': cluster_cost(out.min_distances, labels, identity, s['class_specific'], net.max_dist),
+        'cross_entropy': F.cross_entropy(logits, labels),
+        'cluster': cluster_cost(min_distances, labels, identity, s['class_specific'], net.max_dist),
         'l1': l1_penalty(net.last_layer.weight, identity, s['class_specific']),
     }
     coefs = s['coefs']
     total = coefs['crs_ent'] * terms['cross_entropy'] + coefs['clst'] * terms['cluster'] + coefs['l1'] * terms['l1']
     if s['class_specific']:
-        terms['separation'] = separation_cost(out.min_distances, labels, identity, net.max_dist)
+        terms['separation'] = separation_cost(min_distances, labels, identity, net.max_dist)
         total = total + coefs['sep'] * terms['separation']
-    if gradcam is not None:
-        word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
-                                      s['train_map_interpolation'], s['train_map_normalisation'])
-        terms['attention'] = attention_loss(word_map, gradcam)
+    if attention is not None:
+        terms['attention'] = attention
         if use_attention and s['attention_weight']:
             total = total + s['attention_weight'] * terms['attention']
     terms['total'] = total
     return terms
 
 
-def train_or_test(model, loader, device, s, optimizer=None, use_attention=False, desc=''):
+def freeze_batchnorm(module):
+    """BatchNorm layers of `module` in eval mode: running statistics used, not updated."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_or_test(model, loader, device, s, optimizer=None, use_attention=False, desc='', frozen_bn=False):
     """One pass over `loader`; trains when `optimizer` is given (model.train(), as the reference,
-    also in the frozen phases), else tests under no_grad in eval mode.
+    also in the frozen phases; with `frozen_bn` the backbone's BatchNorm stays in eval mode), else
+    tests under no_grad in eval mode.
 
     Returns the per-batch means of the loss terms, accuracy (fraction), time, |W|_1 and the mean
     pairwise word distance.
@@ -161,6 +179,8 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
     net = model.module if hasattr(model, 'module') else model
     training = optimizer is not None
     model.train(training)
+    if training and frozen_bn:
+        freeze_batchnorm(net.features)
     sums, n_batches, correct, seen = {}, 0, 0, 0
     start = time.time()
     with torch.set_grad_enabled(training):
@@ -182,6 +202,11 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
             correct = correct + (out.logits.argmax(dim=1) == labels).sum()
             n_batches += 1
             seen += labels.numel()
+    return pass_metrics(net, sums, n_batches, correct, seen, start)
+
+
+def pass_metrics(net, sums, n_batches, correct, seen, start):
+    """The per-batch means of the summed terms, accuracy, time, |W|_1 and the mean pairwise word distance."""
     metrics = {name: total.item() / max(n_batches, 1) for name, total in sums.items()}
     metrics['accuracy'] = float(correct) / max(seen, 1)
     metrics['time'] = time.time() - start
@@ -189,6 +214,85 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
         metrics['l1'] = net.last_layer.weight.abs().sum().item()
         metrics['p_dist_pair'] = mean_pairwise_word_distance(net.prototype_vectors).item()
     return metrics
+
+
+# ---- last-layer passes from cached similarities (setting last_layer_cache) ----------------------
+
+@torch.no_grad()
+def build_last_layer_cache(net, train_set, test_set, device, s):
+    """What the frozen network gives every image, computed once after a push (the backbone, add-on
+    layers and words do not change in the last-layer passes; BatchNorm must be in eval mode):
+        train_min (2, N, P)          min distances of each training image, unflipped [0] and flipped [1]
+        train_attention (2, 2, N)    the image's attention MSE for image orientation i, map orientation j
+        test_min (Nt, P), test_attention (Nt,)
+    Memory: (2 N + Nt) P + 4 N + Nt floats. The loaders draw from a generator of their own, so the
+    run's generator is left as the uncached run leaves it."""
+    net.eval()
+    cache = {}
+    for split, dataset, flips in (('train', train_set, (False, True)), ('test', test_set, (False,))):
+        plain = copy.copy(dataset)
+        plain.flip = 'none'
+        loader = torch.utils.data.DataLoader(plain, batch_size=s['test_batch_size'], num_workers=s['num_workers'],
+                                             generator=torch.Generator())
+        mins, atts = [], []
+        for images, gradcam, _ in tqdm(loader, desc='cache %s' % split, leave=False, disable=None):
+            images, gradcam = images.to(device), gradcam.to(device)
+            batch_min, batch_att = [], []
+            for image_flip in flips:
+                out = net(normalize(images.flip(-1) if image_flip else images))
+                word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
+                                              s['train_map_interpolation'], s['train_map_normalisation'])
+                batch_min.append(out.min_distances)
+                batch_att.append(torch.stack([(word_map - (gradcam.flip(-1) if map_flip else gradcam)).pow(2)
+                                              .flatten(1).mean(1) for map_flip in flips]))
+            mins.append(torch.stack(batch_min))
+            atts.append(torch.stack(batch_att))
+        cache[split + '_min'] = torch.cat(mins, dim=-2)
+        cache[split + '_attention'] = torch.cat(atts, dim=-1)
+    cache['test_min'], cache['test_attention'] = cache['test_min'][0], cache['test_attention'][0, 0]
+    return cache
+
+
+def cached_last_layer_pass(net, cache, draws_loader, device, s, optimizer, desc=''):
+    """One last-layer training pass on cached min distances: the batches and flips come from
+    `draws_loader` (a loader over image_data.FlipDraws of the training set, built as the training
+    loader), so they are those the uncached pass draws; W sees the same inputs, losses and steps."""
+    start, sums, n_batches, correct, seen = time.time(), {}, 0, 0, 0
+    for index, image_flip, map_flip, labels in tqdm(draws_loader, desc=desc, leave=False, disable=None):
+        index, labels = index.to(device), labels.to(device)
+        image_flip, map_flip = image_flip.long().to(device), map_flip.long().to(device)
+        min_distances = cache['train_min'][image_flip, index]
+        attention = cache['train_attention'][image_flip, map_flip, index].mean()
+        logits = net.last_layer(net.similarity(min_distances))
+        terms = combine_losses(logits, min_distances, labels, attention, net, s, use_attention=True)
+        optimizer.zero_grad(set_to_none=True)
+        terms['total'].backward()
+        optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+        correct = correct + (logits.argmax(dim=1) == labels).sum()
+        n_batches += 1
+        seen += labels.numel()
+    return pass_metrics(net, sums, n_batches, correct, seen, start)
+
+
+@torch.no_grad()
+def cached_test(net, cache, test_loader, device, s):
+    """The test pass on cached min distances, batch by batch as `test_loader` would give them."""
+    iter(test_loader)  # the uncached pass starts an iterator, which draws a seed from the run's generator
+    start, sums, n_batches, correct, seen = time.time(), {}, 0, 0, 0
+    labels_all = torch.tensor([label for _, label in test_loader.dataset.samples], device=device)
+    for begin in range(0, len(labels_all), test_loader.batch_size):
+        rows = slice(begin, begin + test_loader.batch_size)
+        min_distances, labels = cache['test_min'][rows], labels_all[rows]
+        logits = net.last_layer(net.similarity(min_distances))
+        terms = combine_losses(logits, min_distances, labels, cache['test_attention'][rows].mean(), net, s, False)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        correct = correct + (logits.argmax(dim=1) == labels).sum()
+        n_batches += 1
+        seen += labels.numel()
+    return pass_metrics(net, sums, n_batches, correct, seen, start)
 
 
 def format_metrics(m):

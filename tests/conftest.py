@@ -47,3 +47,24 @@ def save_random_base_model(path, s, classes, seed):
     base = make_base_model('resnet18', len(classes)).eval()
     save_checkpoint(base, str(path), s, classes, arch='resnet18', img_size=TINY_SIZE)
     return base
+
+
+@pytest.fixture(scope='session')
+def tiny_workspace(tmp_path_factory):
+    """A folder with tiny toy data (./data/toy), a base model fine-tuned for one epoch
+    (saved_models/base/toy_resnet18.pth) and its Grad-CAM maps (./data/grad_{train,test}_toy.npy).
+    Tests chdir into it and give each run a name of its own."""
+    import finetune_backbone
+    import gradcam_extract
+    from data import make_toy
+    root = tmp_path_factory.mktemp('workspace')
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        make_toy.main(['--out', 'data/toy', '--size', '64', '--train-per-class', '6', '--test-per-class', '3',
+                       '--classes', '3'])
+        finetune_backbone.main(['-dataset', 'toy', '-set', *tiny_overrides('./data/toy')])
+        gradcam_extract.main(['-dataset', 'toy', '-set', *tiny_overrides('./data/toy')])
+    finally:
+        os.chdir(cwd)
+    return root

@@ -15,14 +15,12 @@ import torch
 
 import config
 import finetune_backbone
-import gradcam_extract
 import main as lvw_main
 import push
 import run_state
 import train_and_test as tnt
 import train_peer
 from checkpoint import CheckpointKeeper
-from data import make_toy
 from image_data import check_images
 from tests.conftest import ROOT, tiny_overrides
 
@@ -35,20 +33,15 @@ class Boom(RuntimeError):
 
 
 @pytest.fixture(scope='module')
-def work(tmp_path_factory):
-    """A folder with tiny toy data, a base model, its Grad-CAM maps and an uninterrupted LVW run 'ref'."""
-    root = tmp_path_factory.mktemp('resume')
+def work(tiny_workspace):
+    """The tiny workspace (conftest) with an uninterrupted LVW run 'ref'."""
     cwd = os.getcwd()
-    os.chdir(root)
+    os.chdir(tiny_workspace)
     try:
-        make_toy.main(['--out', 'data/toy', '--size', '64', '--train-per-class', '6', '--test-per-class', '3',
-                       '--classes', '3'])
-        finetune_backbone.main(['-dataset', 'toy', '-set', *tiny_overrides('./data/toy')])
-        gradcam_extract.main(['-dataset', 'toy', '-set', *tiny_overrides('./data/toy')])
         lvw_main.main(lvw_args('ref'))
     finally:
         os.chdir(cwd)
-    return root
+    return tiny_workspace
 
 
 def lvw_args(run, *extra, data='./data/toy'):
