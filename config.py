@@ -304,6 +304,18 @@ def save_json(obj, path):
     atomic_write(path, lambda f: json.dump(to_jsonable(obj), f, indent=1, sort_keys=True))
 
 
+def read_json(path, required=True):
+    """The JSON object in `path`; a missing file is None unless `required`, an unreadable one
+    (empty, truncated, not JSON) one UserError line naming it."""
+    if not required and not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError('cannot read %s: %s' % (path, str(err).splitlines()[0] if str(err) else 'empty')) from None
+
+
 def remove_stale_tmp(folder, log=None):
     """Delete the hidden temporary files (.<name>.<random>.tmp) that a write killed midway left
     in `folder`; returns their names."""

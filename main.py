@@ -80,7 +80,7 @@ def prepare(s, train_atts, test_atts, device, gpuids=(), weights=None, log=print
                                device) if s['last_layer_cache'] else None
     return types.SimpleNamespace(draws_loader=draws_loader,
         train_loader=train_loader, test_loader=test_loader, push_loader=push_loader, classes=classes,
-        net=net, model=model, joint_opt=joint_opt,
+        net=net, model=model,
         opt={'warm': warm_opt, 'joint': joint_opt, 'last': last_opt},
         modules={'model': net, 'warm_optimizer': warm_opt, 'joint_optimizer': joint_opt,
                  'joint_scheduler': joint_scheduler, 'last_optimizer': last_opt},
@@ -109,7 +109,7 @@ def train(run, s, folder, device, log=print, state=None):
         log('epoch %d | %s | %s%s | %s' % (epoch, phase, split, '' if iteration is None else ' %d' % iteration,
                                              tnt.format_metrics(metrics)))
         run_log(epoch=epoch, phase=phase, split=split, iteration=iteration,
-                lr_features=run.joint_opt.param_groups[0]['lr'], **{k: metrics.get(k) for k in CSV_FIELDS[4:-1]})
+                lr_features=run.opt['joint'].param_groups[0]['lr'], **{k: metrics.get(k) for k in CSV_FIELDS[4:-1]})
 
     def test(epoch, phase, iteration=None):
         metrics = tnt.train_or_test(model, run.test_loader, device, s, desc='test')
@@ -147,7 +147,7 @@ def train(run, s, folder, device, log=print, state=None):
             metrics = tnt.cached_last_layer_pass(net, cache[1], run.draws_loader, device, s, run.opt['last'],
                                                  desc='epoch %d last layer %d (cached)' % (epoch, iteration))
             record(epoch, 'last', 'train', metrics, iteration)
-            test_metrics = tnt.cached_test(net, cache[1], run.test_loader, device, s)
+            test_metrics = tnt.cached_test(net, cache[1], run.test_loader, s)
             record(epoch, 'last', 'test', test_metrics, iteration)
             final = save('last', epoch, test_metrics['accuracy'], iteration)
         else:
@@ -166,8 +166,7 @@ def train(run, s, folder, device, log=print, state=None):
                'best_checkpoint': os.path.basename(keep.best[0]) if keep.best else None,
                'best_accuracy': keep.best[1] if keep.best else None,
                'train_seconds': round(elapsed + time.time() - start, 1)}
-    config.save_json(summary, os.path.join(folder, 'run_summary.json'))
-    os.remove(run_state.state_path(folder))  # the run is complete; run_summary.json says so
+    run_state.finish_run(folder, summary)
     visualize.write_run_report(folder, log=log)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))

@@ -158,7 +158,7 @@ def start_action(folder, overwrite, resume, name_setting, record):
     config.run_dir_action); for 'resume', the command must match the run's settings.json."""
     action = config.run_dir_action(folder, overwrite, resume, name_setting)
     if action == 'resume':
-        saved = read_json(os.path.join(folder, 'settings.json'))
+        saved = config.read_json(os.path.join(folder, 'settings.json'))
         check_same_run(saved.get('settings', {}), record['settings'], folder)
         for key, value in record.items():
             if key != 'settings' and config.to_jsonable(saved.get(key)) != config.to_jsonable(value):
@@ -168,17 +168,15 @@ def start_action(folder, overwrite, resume, name_setting, record):
     return action
 
 
-def read_json(path):
-    import json
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise config.UserError('cannot read %s: %s' % (path, err)) from None
+def finish_run(folder, summary):
+    """Write run_summary.json, which marks the run finished, then drop last.pth, no longer needed."""
+    config.save_json(summary, os.path.join(folder, 'run_summary.json'))
+    if os.path.isfile(state_path(folder)):
+        os.remove(state_path(folder))
 
 
 def finished_summary(folder, log=print):
-    summary = read_json(os.path.join(folder, 'run_summary.json'))
+    summary = config.read_json(os.path.join(folder, 'run_summary.json'))
     log('-resume: the run in %s has finished (run_summary.json); nothing to do' % folder)
     return summary
 

@@ -224,7 +224,7 @@ def build_last_layer_cache(net, train_set, test_set, device, s):
     layers and words do not change in the last-layer passes; BatchNorm must be in eval mode):
         train_min (2, N, P)          min distances of each training image, unflipped [0] and flipped [1]
         train_attention (2, 2, N)    the image's attention MSE for image orientation i, map orientation j
-        test_min (Nt, P), test_attention (Nt,)
+        test_min (Nt, P), test_attention (Nt,), test_labels (Nt,)
     Memory: (2 N + Nt) P + 4 N + Nt floats. The loaders draw from a generator of their own, so the
     run's generator is left as the uncached run leaves it."""
     net.eval()
@@ -250,6 +250,7 @@ def build_last_layer_cache(net, train_set, test_set, device, s):
         cache[split + '_min'] = torch.cat(mins, dim=-2)
         cache[split + '_attention'] = torch.cat(atts, dim=-1)
     cache['test_min'], cache['test_attention'] = cache['test_min'][0], cache['test_attention'][0, 0]
+    cache['test_labels'] = torch.tensor([label for _, label in test_set.samples], device=device)
     return cache
 
 
@@ -277,14 +278,13 @@ def cached_last_layer_pass(net, cache, draws_loader, device, s, optimizer, desc=
 
 
 @torch.no_grad()
-def cached_test(net, cache, test_loader, device, s):
+def cached_test(net, cache, test_loader, s):
     """The test pass on cached min distances, batch by batch as `test_loader` would give them."""
     iter(test_loader)  # the uncached pass starts an iterator, which draws a seed from the run's generator
     start, sums, n_batches, correct, seen = time.time(), {}, 0, 0, 0
-    labels_all = torch.tensor([label for _, label in test_loader.dataset.samples], device=device)
-    for begin in range(0, len(labels_all), test_loader.batch_size):
+    for begin in range(0, len(cache['test_labels']), test_loader.batch_size):
         rows = slice(begin, begin + test_loader.batch_size)
-        min_distances, labels = cache['test_min'][rows], labels_all[rows]
+        min_distances, labels = cache['test_min'][rows], cache['test_labels'][rows]
         logits = net.last_layer(net.similarity(min_distances))
         terms = combine_losses(logits, min_distances, labels, cache['test_attention'][rows].mean(), net, s, False)
         for name, value in terms.items():

@@ -137,9 +137,7 @@ def train_peer(run, s, method, folder, device, log=print, state=None):
                'best_checkpoint': os.path.basename(keep.best[0]) if keep.best else None,
                'best_accuracy': keep.best[1] if keep.best else None, 'run_dir': folder,
                'train_seconds': round(elapsed + time.time() - start, 1)}
-    config.save_json(summary, os.path.join(folder, 'run_summary.json'))
-    if os.path.isfile(run_state.state_path(folder)):
-        os.remove(run_state.state_path(folder))  # the run is complete; run_summary.json says so
+    run_state.finish_run(folder, summary)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
     return summary

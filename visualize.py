@@ -21,13 +21,14 @@ the functions that need it, with its object-oriented API (no pyplot, no global b
 import argparse
 import csv
 import glob
-import json
 import math
 import os
 import re
 from functools import lru_cache
 
 import numpy as np
+
+import config
 
 WORDS_PER_PAGE = 50
 USE_REL = 0.5   # the relative threshold of word_metrics.classes_per_word
@@ -497,17 +498,6 @@ def write_push_pictures(img_dir, weight, class_names, epoch, log=print):
 
 # ---- report -------------------------------------------------------------------------------------
 
-def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:  # empty, truncated, not JSON
-        from config import UserError
-        raise UserError('cannot read %s: %s' % (path, str(err).splitlines()[0] if str(err) else 'empty')) from None
-
-
 def load_word_checkpoint(path):
     """An LVW / ProtoPNet-mode checkpoint; any other file is one UserError line naming it."""
     from checkpoint import load_checkpoint, require_kind
@@ -565,9 +555,9 @@ def _write_run_report(run_dir, checkpoint, by_class, log):
     if not os.path.isdir(run_dir):
         raise FileNotFoundError('run folder not found: %s' % run_dir)
     run_name = os.path.basename(os.path.normpath(run_dir))
-    settings_file = _read_json(os.path.join(run_dir, 'settings.json')) or {}
+    settings_file = config.read_json(os.path.join(run_dir, 'settings.json'), required=False) or {}
     s = settings_file.get('settings', {})
-    summary = _read_json(os.path.join(run_dir, 'run_summary.json')) or {}
+    summary = config.read_json(os.path.join(run_dir, 'run_summary.json'), required=False) or {}
     ckpts = _checkpoints(run_dir)
     final = checkpoint or summary.get('final_checkpoint') or (ckpts[-1] if ckpts else None)
     report_dir = os.path.join(run_dir, 'report')
@@ -604,7 +594,7 @@ def _write_run_report(run_dir, checkpoint, by_class, log):
             heat['mean_classes_per_word'],
             ', '.join('%d word%s serve%s %d' % (n, '' if n == 1 else 's', 's' if n == 1 else '', k)
                       for k, n in enumerate(hist) if n)))
-    metrics = _read_json(os.path.join(run_dir, 'metrics', 'metrics.json'))
+    metrics = config.read_json(os.path.join(run_dir, 'metrics', 'metrics.json'), required=False)
     if metrics:
         for name, src in metrics.get('sources', {}).items():
             if src.get('checkpoint') and os.path.dirname(os.path.abspath(src['checkpoint'])) == os.path.abspath(run_dir):
@@ -692,7 +682,6 @@ def _write_run_report(run_dir, checkpoint, by_class, log):
     md += ['- checkpoints: ' + (', '.join('`%s`' % c for c in ckpts) if ckpts else 'none'), '']
     path = os.path.join(run_dir, 'report.md')
     text = '\n'.join(md)
-    import config
     config.atomic_write(path, lambda f: f.write(text))
     log('report: %s' % path)
     return path
@@ -701,7 +690,6 @@ def _write_run_report(run_dir, checkpoint, by_class, log):
 # ---- command line ------------------------------------------------------------------------------
 
 def main(argv=None):
-    import config
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('run_dir', help='run folder, saved_models/<arch>/<experiment_run>')
     parser.add_argument('-checkpoint', default=None, help='checkpoint file name in run_dir (default: the final one)')
@@ -712,7 +700,7 @@ def main(argv=None):
         raise config.UserError('run folder not found: %s' % args.run_dir)
     if args.checkpoint and not os.path.isfile(os.path.join(args.run_dir, args.checkpoint)):
         raise config.UserError('checkpoint not found: %s' % os.path.join(args.run_dir, args.checkpoint))
-    summary = _read_json(os.path.join(args.run_dir, 'run_summary.json')) or {}
+    summary = config.read_json(os.path.join(args.run_dir, 'run_summary.json'), required=False) or {}
     name = args.checkpoint or summary.get('final_checkpoint') or (_checkpoints(args.run_dir) or [None])[-1]
     ckpt = None
     if name and os.path.isfile(os.path.join(args.run_dir, name)):  # checked here, before any picture is drawn
@@ -734,5 +722,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    import config as _config
-    _config.run_cli(main)
+    config.run_cli(main)

@@ -108,6 +108,14 @@ def assert_same_run(ref, other):
     assert not [f for _, _, files in os.walk(other) for f in files if f.endswith('.tmp')]
 
 
+def copy_of_toy_data(work, tmp_path, split, class_index):
+    """A copy of the workspace's toy data to damage, and the first image of one class of `split`."""
+    data = str(tmp_path / 'toy')
+    shutil.copytree(os.path.join(work, 'data', 'toy'), data)
+    folder = os.path.join(data, split, sorted(os.listdir(os.path.join(data, split)))[class_index])
+    return data, os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith('.png'))[0])
+
+
 def state_done(run):
     return torch.load(os.path.join(run_path(run), config.LAST_STATE), weights_only=True)['done']
 
@@ -201,10 +209,7 @@ def test_kill_9_twice_then_resume_matches(work, monkeypatch):
 
 def test_unreadable_image_mid_run_names_it_and_leaves_a_resumable_run(work, monkeypatch, tmp_path):
     monkeypatch.chdir(work)
-    data = str(tmp_path / 'toy')
-    shutil.copytree(os.path.join(work, 'data', 'toy'), data)
-    victim = os.path.join(data, 'train', sorted(os.listdir(os.path.join(data, 'train')))[1])
-    victim = os.path.join(victim, sorted(f for f in os.listdir(victim) if f.endswith('.png'))[0])
+    data, victim = copy_of_toy_data(work, tmp_path, 'train', 1)
     intact = open(victim, 'rb').read()
 
     def truncate():  # after pass 2's state: the header still reads, the pixels do not
@@ -277,10 +282,7 @@ def test_existing_run_is_kept_and_overwrite_moves_it_aside_only_after_the_checks
 
 def test_failed_start_leaves_nothing_that_blocks_a_retry(work, monkeypatch, tmp_path):
     monkeypatch.chdir(work)
-    data = str(tmp_path / 'toy')
-    shutil.copytree(os.path.join(work, 'data', 'toy'), data)
-    folder = os.path.join(data, 'test', sorted(os.listdir(os.path.join(data, 'test')))[0])
-    broken = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith('.png'))[0])
+    data, broken = copy_of_toy_data(work, tmp_path, 'test', 0)
     intact = open(broken, 'rb').read()
     open(broken, 'wb').close()  # a zero-byte image
     with pytest.raises(config.UserError) as err:
