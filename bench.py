@@ -8,21 +8,36 @@ Prints images per second for
                   | reference habits (autograd on, backbone run twice, per-image cv2 resizes in numpy)
   push search     ours (vectorised over batch x positions x words)
                   | a per-word loop over numpy arrays, as the reference does it
+  joint step      ours against a plain torchvision ResNet step (cross entropy only): the overhead ratio
 Nothing is written; the numbers are for the machine it runs on.
+
+    python bench.py -amp bf16 -channels_last    # also the joint step under autocast (for GPUs)
+    python bench.py -schedule [-epochs 21] [-push_epochs 10 20] [-last 20]
+
+The reference-shaped schedule on the toy data (make demo's data, Grad-CAM maps and base model),
+run twice in a temporary folder: last_layer_cache False (the reference), then True. Prints each
+phase's wall time, both final accuracies, the Pets schedule's ratio projected from the measured
+per-image costs, and last `schedule ratio cached/faithful: R`.
 """
 import argparse
+import copy
+import csv
+import os
+import tempfile
 import time
 
 import cv2
 import numpy as np
 import torch
+import torchvision
 
 import config
+import main as lvw_main
 from eval_iou import map_iou
-from image_data import normalize
+from image_data import image_folder, normalize
 from model import LVWNet, ResNetFeatures, squared_distances
 from push import nearest_patches
-from train_and_test import batch_losses, word_attention_map
+from train_and_test import amp_context, batch_losses, word_attention_map
 
 
 def timed(fn, repeats, device):
@@ -70,6 +85,117 @@ def reference_style_push(model, images):
     return best
 
 
+# ---- the schedule benchmark (-schedule) ----------------------------------------------------------
+
+TOY_INPUTS = ('data/toy', 'data/grad_train_toy.npy', 'data/grad_test_toy.npy', 'saved_models/base/toy_resnet18.pth')
+PHASES = ('warm', 'joint', 'push', 'cache', 'last')
+
+
+def pass_times(metrics_csv):
+    """Mean seconds of one train pass per phase ('warm', 'joint', 'last') and of one test pass,
+    from a run's metrics.csv."""
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    means = {}
+    for key, pick in (('warm', ('warm', 'train')), ('joint', ('joint', 'train')), ('last', ('last', 'train')),
+                      ('test', (None, 'test'))):
+        times = [float(r['time']) for r in rows if r['split'] == pick[1] and pick[0] in (None, r['phase'])]
+        means[key] = sum(times) / len(times) if times else 0.0
+    return means
+
+
+def schedule_counts(s):
+    """How many passes of each kind a schedule runs: warm, joint, push, last epochs and tests."""
+    kinds = [kind for kind, _, _ in lvw_main.passes(s)]
+    counts = {kind: kinds.count(kind) for kind in ('warm', 'joint', 'push', 'last')}
+    counts['test'] = len(kinds)
+    return counts
+
+
+def projected_seconds(per_image, counts, n_train, n_test, cached):
+    """Seconds of a schedule from per-image costs: each training-set pass of a kind costs
+    n_train * per_image[kind], each test n_test * per_image['test']. The cached schedule has no
+    last-layer forward passes and no tests after them; it builds the cache once per push."""
+    train = counts['warm'] * per_image['warm'] + counts['joint'] * per_image['joint'] + counts['push'] * per_image['push']
+    tests = counts['test']
+    if cached:
+        train += counts['push'] * per_image['cache']
+        tests -= counts['last']
+    else:
+        train += counts['last'] * per_image['last']
+    return n_train * train + n_test * tests * per_image['test']
+
+
+def run_schedule(args, cached, root):
+    """One run of the benchmark schedule; returns (summary, per-pass times, run folder)."""
+    name = 'cached' if cached else 'faithful'
+    settings = ['data_path=%r' % os.path.join(root, 'data/toy/'), 'experiment_run=%r' % name,
+                'num_train_epochs=%d' % args.epochs, 'push_start=%d' % min(args.push_epochs),
+                'push_epochs=%r' % list(args.push_epochs), 'last_layer_iterations=%d' % args.last,
+                'keep_checkpoints=1', 'last_layer_cache=%r' % cached, 'seed=%d' % args.seed]
+    summary = lvw_main.main(['-dataset', 'toy', '-set', *args.set, *settings, '-device', args.device,
+                             '-train_atts', os.path.join(root, TOY_INPUTS[1]),
+                             '-test_atts', os.path.join(root, TOY_INPUTS[2]), '-weights', os.path.join(root, TOY_INPUTS[3])])
+    folder = config.run_dir(config.resolve_settings('toy', args.set + settings))
+    return summary, pass_times(os.path.join(folder, 'metrics.csv'))
+
+
+def schedule_bench(args):
+    root = os.getcwd()
+    missing = [p for p in TOY_INPUTS if not os.path.exists(p)]
+    if missing:
+        raise config.UserError('bench.py -schedule needs the toy demo\'s data, maps and base model (missing %s); '
+                               'run `make demo` first' % missing[0])
+    results = {}
+    with tempfile.TemporaryDirectory(prefix='lvw_bench_') as work:
+        os.chdir(work)
+        try:
+            for cached in (False, True):
+                results[cached] = run_schedule(args, cached, root)
+        finally:
+            os.chdir(root)
+    s = config.resolve_settings('toy', args.set)
+    n_train, n_test = (len(image_folder(os.path.join('data/toy', split)).samples) for split in ('train', 'test'))
+    print()
+    print('schedule: toy data (%d train / %d test images, resnet18, %d px), %d epochs (%d warm), pushes at %s, '
+          '%d last-layer passes each' % (n_train, n_test, s['img_size'], args.epochs, s['num_warm_epochs'],
+                                         list(args.push_epochs), args.last))
+    print('%-28s %12s %12s' % ('phase (with its tests)', 'faithful s', 'cached s'))
+    for phase in PHASES:
+        print('%-28s %12.1f %12.1f' % (phase, *(results[c][0]['phase_seconds'].get(phase, 0.0) for c in (False, True))))
+    totals = [sum(results[c][0]['phase_seconds'].values()) for c in (False, True)]
+    print('%-28s %12.1f %12.1f' % ('total', *totals))
+    print('%-28s %12.4f %12.4f' % ('final test accuracy', *(results[c][0]['final_accuracy'] for c in (False, True))))
+
+    # per-image costs: train passes and tests from metrics.csv; a push and a cache build per push
+    faithful, cached = results[False], results[True]
+    per_image = {k: faithful[1][k] / n_train for k in ('warm', 'joint', 'last')}
+    per_image['test'] = faithful[1]['test'] / n_test
+    pushes = len(args.push_epochs)
+    per_image['push'] = (faithful[0]['phase_seconds']['push'] / pushes - faithful[1]['test']) / n_train
+    per_image['cache'] = cached[0]['phase_seconds'].get('cache', 0.0) / pushes / n_train
+    pets = config.resolve_settings('pets')
+    pets_counts = schedule_counts(pets)
+    pets_ratio = (projected_seconds(per_image, pets_counts, 3680, 3669, True)
+                  / projected_seconds(per_image, pets_counts, 3680, 3669, False))
+    print('per-image ms: %s' % ', '.join('%s %.2f' % (k, 1000 * v) for k, v in per_image.items()))
+    print('projected Pets schedule (%d warm, %d joint, %d pushes, %d last-layer passes, %d tests; 3680 / 3669 '
+          'images) ratio cached/faithful: %.3f' % (pets_counts['warm'], pets_counts['joint'], pets_counts['push'],
+                                                   pets_counts['last'], pets_counts['test'], pets_ratio))
+    # warm, joint and push do the same work in both runs: how much they differ is the machine's drift
+    shared = [sum(results[c][0]['phase_seconds'].get(p, 0.0) for p in ('warm', 'joint', 'push')) for c in (False, True)]
+    equal_speed = (shared[0] + totals[1] - shared[1]) / totals[0]
+    print('shared phases (warm, joint, push: the same work in both runs) %.1f s and %.1f s: the machine ran %+.0f %% '
+          'slower in the second run' % (shared[0], shared[1], 100 * (shared[1] / shared[0] - 1)))
+    print('schedule ratio at equal speed (the shared phases timed by the first run): %.3f' % equal_speed)
+    ratio = totals[1] / totals[0]
+    print('schedule ratio cached/faithful: %.3f' % ratio)
+    runs = (('faithful', False), ('cached', True))
+    return {'phase_seconds': {name: results[c][0]['phase_seconds'] for name, c in runs},
+            'final_accuracy': {name: results[c][0]['final_accuracy'] for name, c in runs},
+            'per_image': per_image, 'pets_ratio': pets_ratio, 'ratio': ratio, 'equal_speed_ratio': equal_speed}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-arch', default='resnet34')
@@ -78,8 +204,19 @@ def main(argv=None):
     parser.add_argument('-words', type=int, default=185)
     parser.add_argument('-classes', type=int, default=37)
     parser.add_argument('-repeats', type=int, default=3)
+    parser.add_argument('-amp', default=None, choices=('bf16', 'fp16'), help='also time the joint step under autocast')
+    parser.add_argument('-channels_last', action='store_true', help='... and/or with a channels-last backbone')
+    parser.add_argument('-schedule', action='store_true', help='the schedule benchmark on the toy data (above)')
+    parser.add_argument('-epochs', type=int, default=21, help='-schedule: training epochs')
+    parser.add_argument('-push_epochs', type=int, nargs='+', default=[10, 20], help='-schedule: push epochs')
+    parser.add_argument('-last', type=int, default=20, help='-schedule: last-layer passes after each push')
+    parser.add_argument('-seed', type=int, default=0, help='-schedule: the runs\' seed')
+    parser.add_argument('-set', nargs='+', default=[], metavar='NAME=VALUE',
+                        help='-schedule: other settings of both runs (the toy preset otherwise)')
     config.add_device_args(parser)
     args = parser.parse_args(argv)
+    if args.schedule:
+        return schedule_bench(args)
     device = config.pick_device(args.device, args.gpuid)
     s = config.resolve_settings('pets', ['base_architecture=%r' % args.arch, 'img_size=%d' % args.img_size,
                                          'num_classes=%d' % args.classes,
@@ -124,6 +261,16 @@ def main(argv=None):
         model.eval()
         reference_style_push(model, normalize(raw.to(device)))
 
+    plain = getattr(torchvision.models, args.arch)(weights=None, num_classes=args.classes).to(device)
+    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=1e-5)
+
+    def plain_step():  # the same architecture, batch and image size, cross entropy only
+        plain.train()
+        loss = torch.nn.functional.cross_entropy(plain(images), labels)
+        plain_optimizer.zero_grad()
+        loss.backward()
+        plain_optimizer.step()
+
     rows = [('train step', train_step, train_step_anomaly),
             ('IoU evaluation', our_iou, ref_iou),
             ('push search', our_push, ref_push)]
@@ -132,6 +279,34 @@ def main(argv=None):
     for name, ours, reference in rows:
         t_ours, t_ref = timed(ours, args.repeats, device), timed(reference, args.repeats, device)
         print('%-16s %14.1f %18.1f %7.1fx' % (name, B / t_ours, B / t_ref, t_ref / t_ours))
+    if args.amp or args.channels_last:  # the GPU path: autocast and channels-last against float32
+        fast = copy.deepcopy(model).to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        fast_optimizer = torch.optim.Adam(fast.parameters(), lr=1e-5)
+        scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
+        fast_images = images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
+
+        def fast_step():
+            fast.train()
+            with amp_context(device, args.amp):
+                out = fast(fast_images)
+            total = batch_losses(out, labels, gradcam, fast, s, use_attention=True)['total']
+            fast_optimizer.zero_grad()
+            if scaler is None:
+                total.backward()
+                fast_optimizer.step()
+            else:
+                scaler.scale(total).backward()
+                scaler.step(fast_optimizer)
+                scaler.update()
+
+        t_fast, t_float = timed(fast_step, args.repeats, device), timed(train_step, args.repeats, device)
+        print('joint step float32 %.1f img/s, amp %s%s %.1f img/s: %.2fx'
+              % (B / t_float, args.amp, ' + channels_last' if args.channels_last else '', B / t_fast, t_float / t_fast))
+    # interleaved, so that a drift of the machine's speed touches both alike
+    t_joint, t_plain = [sum(x) for x in zip(*[(timed(train_step, 1, device), timed(plain_step, 1, device))
+                                               for _ in range(args.repeats)])]
+    print('joint step %.1f img/s, plain torchvision %s step (cross entropy only) %.1f img/s: overhead %.3fx'
+          % (B * args.repeats / t_joint, args.arch, B * args.repeats / t_plain, t_joint / t_plain))
 
 
 if __name__ == '__main__':

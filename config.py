@@ -246,7 +246,7 @@ def add_device_args(parser):
     parser.add_argument('-device', default='auto', choices=('auto', 'cpu', 'cuda'),
                         help='auto: cuda when available, else cpu')
     parser.add_argument('-gpuid', default='0',
-                        help='CUDA device index (or a comma list, which trains with DataParallel)')
+                        help='CUDA device index (several GPUs: torchrun --nproc_per_node N main.py ...)')
 
 
 def pick_device(name='auto', gpuid='0'):
@@ -260,13 +260,6 @@ def pick_device(name='auto', gpuid='0'):
     if not first.isdigit() or int(first) >= torch.cuda.device_count():
         raise UserError('-gpuid %r: this machine has %d CUDA device(s)' % (gpuid, torch.cuda.device_count()))
     return torch.device('cuda', int(first))
-
-
-def gpu_ids(device, gpuid):
-    """The CUDA device indices to train on (more than one: DataParallel)."""
-    if device.type != 'cuda':
-        return []
-    return [int(g) for g in str(gpuid).split(',') if g.strip()]
 
 
 # ---- files --------------------------------------------------------------------------------------

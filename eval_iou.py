@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import config
+import distributed
 from checkpoint import load_checkpoint, model_from_checkpoint, require_kind
 from image_data import ImageDataset, check_same_classes, make_loader, normalize
 from train_and_test import word_attention_map
@@ -82,6 +83,7 @@ def write_csv(path, rows, header):
 
 
 def main(argv=None):
+    distributed.refuse_torchrun(os.path.basename(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-modeldir', required=True, help='run folder, saved_models/<arch>/<experiment_run>')
     parser.add_argument('-model', required=True, help='checkpoint file name inside -modeldir')

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 import config
+import distributed
 import interp_metrics as im
 import peers
 import perturbation_metrics as pert
@@ -608,6 +609,7 @@ def parse_sources(items):
 
 
 def main(argv=None):
+    distributed.refuse_torchrun(os.path.basename(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-lvw', default=None, help='LVW checkpoint (.pth in its run folder)')
     parser.add_argument('-protopnet', default=None, help='ProtoPNet-mode checkpoint')

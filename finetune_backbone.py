@@ -22,6 +22,7 @@ import torchvision
 from tqdm import tqdm
 
 import config
+import distributed
 import run_state
 from checkpoint import load_checkpoint, load_weights, require_kind, save_checkpoint
 from image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
@@ -117,6 +118,7 @@ def finetune(s, device, weights=None, log=print, state_file=None, state=None):
 
 
 def main(argv=None):
+    distributed.refuse_torchrun(os.path.basename(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-weights', default=None, help='ImageNet state_dict (torchvision format) to start from')
     parser.add_argument('-out', default=None, help='output file (default saved_models/base/<dataset>_<arch>.pth)')

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
+import distributed
 from finetune_backbone import default_base_model_path, load_base_model
 from image_data import (ImageDataset, MapChecksum, check_same_classes, checksum_line, make_loader, normalize,
                         sidecar_path)
@@ -96,6 +97,7 @@ def extract_split(model, folder, img_size, out_path, device, target='pred', batc
 
 
 def main(argv=None):
+    distributed.refuse_torchrun(os.path.basename(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-model', default=None, help='base model (default saved_models/base/<dataset>_<arch>.pth)')
     parser.add_argument('-splits', nargs='+', default=['train', 'test'], choices=('train', 'test'))

@@ -10,6 +10,7 @@ difference in count or order. Its first line, written by gradcam_extract.py, is 
 array ('# maps crc32 <hex> shape N,S,S dtype float32'): opening the maps refuses an array changed
 since (edited, rows re-ordered); a sidecar without it (older extractions) is accepted with a warning.
 """
+import functools
 import hashlib
 import os
 import zipfile
@@ -20,6 +21,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import distributed
 from config import UserError, one_line
 
 MEAN = (0.485, 0.456, 0.406)
@@ -324,9 +326,16 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        path, label = self.samples[index]
-        image = load_image(path, self.img_size)
-        image_flip, map_flip = draw_flips(self.flip, self.attention is not None)
+        """Sample `index` with flips drawn now, or, for a key (index, image flipped, map flipped)
+        from distributed.GlobalBatchSlices, with the flips it drew."""
+        if isinstance(index, tuple):
+            index, image_flip, map_flip = index
+            path, label = self.samples[index]
+            image = load_image(path, self.img_size)
+        else:
+            path, label = self.samples[index]
+            image = load_image(path, self.img_size)
+            image_flip, map_flip = draw_flips(self.flip, self.attention is not None)
         image = image.flip(-1) if image_flip else image
         if self.attention is None:
             return image, label
@@ -362,12 +371,23 @@ class FlipDraws(torch.utils.data.Dataset):
         return index, image_flip, map_flip, self.labels[index]
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, device, drop_last=False):
-    """Workers are started anew for each pass: they are then seeded from the global generator at
-    the pass's start, which last.pth restores, so a resumed run sees the same augmentations."""
+def make_loader(dataset, batch_size, shuffle, num_workers, device, drop_last=False, persistent=False, sharded=False):
+    """By default workers are started anew for each pass: they are then seeded from the global
+    generator at the pass's start, which last.pth restores, so a resumed run sees the same
+    augmentations (`persistent` keeps them: faster, but a resume then draws other flips).
+    `sharded` under torchrun (several ranks): each rank loads its slice of the global batches
+    (distributed.GlobalBatchSlices); `batch_size` stays the global batch."""
+    persistent = persistent and num_workers > 0
+    if sharded and distributed.world_size() > 1:
+        with_map = getattr(dataset, 'attention', None) is not None
+        slices = distributed.GlobalBatchSlices(dataset, batch_size, shuffle,
+                                               functools.partial(draw_flips, getattr(dataset, 'flip', 'none'), with_map),
+                                               distributed.rank(), distributed.world_size())
+        return torch.utils.data.DataLoader(dataset, batch_sampler=slices, num_workers=num_workers,
+                                           pin_memory=device.type == 'cuda', persistent_workers=persistent)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        pin_memory=device.type == 'cuda', persistent_workers=False, drop_last=drop_last)
+        pin_memory=device.type == 'cuda', persistent_workers=persistent, drop_last=drop_last)
 
 
 def check_same_classes(a, b, what_a, what_b):

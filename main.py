@@ -13,6 +13,7 @@ After each pass, <run>/last.pth holds everything needed to continue: the same co
 -resume picks up after the last finished pass (run_state.py). -overwrite moves an old run aside.
 """
 import argparse
+import functools
 import os
 import time
 import types
@@ -20,6 +21,7 @@ import types
 import torch
 
 import config
+import distributed
 import push
 import run_state
 import train_and_test as tnt
@@ -44,11 +46,10 @@ def build_loaders(s, train_atts, test_atts, device, log):
                                % (s['train_dir'], len(train_set.classes), s['num_classes']))
     check_images(sorted({path for data in (train_set, test_set, push_set) for path, _ in data.samples}),
                  s['image_check'], 'train, test and push images')
-    workers = s['num_workers']
-    return (make_loader(train_set, s['train_batch_size'], True, workers, device),
-            make_loader(test_set, s['test_batch_size'], False, workers, device),
-            make_loader(push_set, s['train_push_batch_size'], False, workers, device),
-            train_set.classes)
+    loader = functools.partial(make_loader, num_workers=s['num_workers'], device=device,
+                               persistent=s['persistent_workers'], sharded=True)
+    return (loader(train_set, s['train_batch_size'], True), loader(test_set, s['test_batch_size'], False),
+            loader(push_set, s['train_push_batch_size'], False), train_set.classes)
 
 
 
@@ -67,32 +68,58 @@ def passes(s):
     return out
 
 
-def prepare(s, train_atts, test_atts, device, gpuids=(), weights=None, log=print):
+def prepare(s, train_atts, test_atts, device, weights=None, log=print):
     """Everything a run needs, built before anything is written, so that an input mistake stops
-    it with the run folder untouched: loaders (maps paired, images opened), model, optimizers."""
+    it with the run folder untouched: loaders (maps paired, images opened), model, optimizers.
+    Under torchrun, run.trainer(kind) wraps the network in DistributedDataParallel per phase."""
     run_state.seed_everything(s['seed'])
     train_loader, test_loader, push_loader, classes = build_loaders(s, train_atts, test_atts, device, log)
     net = build_model(s, weights=weights, log=log).to(device)
-    model = torch.nn.DataParallel(net, device_ids=list(gpuids)) if len(gpuids) > 1 else net
+    if s['channels_last']:
+        net = net.to(memory_format=torch.channels_last)
+    if s['sync_batchnorm'] and distributed.world_size() > 1:
+        if device.type != 'cuda':
+            raise config.UserError('setting sync_batchnorm needs GPUs (torch\'s SyncBatchNorm runs on CUDA only); '
+                                   'on CPU leave it False')
+        net.features = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net.features)
     warm_opt, joint_opt, joint_scheduler, last_opt = tnt.make_optimizers(net, s)
     # the cached last-layer passes draw their batches and flips through a loader built like the training one
     draws_loader = make_loader(FlipDraws(train_loader.dataset), s['train_batch_size'], True, s['num_workers'],
                                device) if s['last_layer_cache'] else None
-    return types.SimpleNamespace(draws_loader=draws_loader,
+    # the push pass reads the training images unflipped, as the cache needs them: it keeps its features
+    push_is_train = push_loader.dataset.samples == train_loader.dataset.samples
+    modules = {'model': net, 'warm_optimizer': warm_opt, 'joint_optimizer': joint_opt,
+               'joint_scheduler': joint_scheduler, 'last_optimizer': last_opt}
+    scaler = None
+    if s['amp'] == 'fp16':  # bf16 keeps float32's range and needs no loss scaling
+        scaler = modules['grad_scaler'] = torch.amp.GradScaler(device.type)
+    wrappers = {}
+
+    def trainer(kind):
+        """The network to train phase `kind` with (call it after setting what trains): itself in
+        one process; under torchrun a DDP wrapper, one per phase, since DDP registers the
+        parameters that require gradients when it is built."""
+        if distributed.world_size() == 1:
+            return net
+        if kind not in wrappers:
+            wrappers[kind] = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == 'cuda' else None)
+        return wrappers[kind]
+
+    return types.SimpleNamespace(draws_loader=draws_loader, push_is_train=push_is_train,
         train_loader=train_loader, test_loader=test_loader, push_loader=push_loader, classes=classes,
-        net=net, model=model,
+        net=net, trainer=trainer, scaler=scaler, modules=modules,
         opt={'warm': warm_opt, 'joint': joint_opt, 'last': last_opt},
-        modules={'model': net, 'warm_optimizer': warm_opt, 'joint_optimizer': joint_opt,
-                 'joint_scheduler': joint_scheduler, 'last_optimizer': last_opt},
         rf_info=word_layer_rf_info(s['img_size'], layer_specs(net.features)))
 
 
 def train(run, s, folder, device, log=print, state=None):
     """The schedule from `prepare`'s run, continuing after the passes that the resume `state`
-    (last.pth) holds. Writes last.pth after every pass and run_summary.json at the end."""
+    (last.pth) holds. Writes last.pth after every pass and run_summary.json at the end; under
+    torchrun every rank trains and only rank 0 writes."""
     run_log = getattr(log, 'row', lambda **_: None)
-    model, net = run.model, run.net
-    keep = CheckpointKeeper(folder, s['save_threshold'], s['keep_checkpoints'], log)
+    net, writes = run.net, distributed.is_main()
+    keep = CheckpointKeeper(folder, s['save_threshold'], s['keep_checkpoints'], log) if writes else None
     schedule = passes(s)
     done, elapsed, final = 0, 0.0, None
     if state is not None:
@@ -111,39 +138,63 @@ def train(run, s, folder, device, log=print, state=None):
         run_log(epoch=epoch, phase=phase, split=split, iteration=iteration,
                 lr_features=run.opt['joint'].param_groups[0]['lr'], **{k: metrics.get(k) for k in CSV_FIELDS[4:-1]})
 
-    def test(epoch, phase, iteration=None):
-        metrics = tnt.train_or_test(model, run.test_loader, device, s, desc='test')
+    def test(epoch, phase, iteration=None, collect=None):
+        metrics = tnt.train_or_test(net, run.test_loader, device, s, desc='test', collect=collect)
         record(epoch, phase, 'test', metrics, iteration)
         return metrics['accuracy']
 
     def save(kind, epoch, accuracy, iteration=None):
+        if not writes:
+            return [None, accuracy]
         path = keep(net, checkpoint_name(epoch, accuracy, kind, iteration), accuracy, s, run.classes,
                     epoch=epoch, kind=kind, iteration=iteration)
         return [os.path.basename(path) if path else None, accuracy]
 
     frozen_bn = s['frozen_bn_eval'] or s['last_layer_cache']
     cache = None  # (epoch, the cached similarities of the frozen network after that epoch's push)
+    phase_seconds = dict(state.get('phase_seconds', {})) if state is not None else {}
     start = time.time()
     for index in range(done, len(schedule)):
         kind, epoch, iteration = schedule[index]
-        img_dir = os.path.join(folder, 'img', 'epoch-%d' % epoch) if s['push_save_images'] else None
+        pass_start = time.time()
+        next_is_last = index + 1 < len(schedule) and schedule[index + 1][0] == 'last'
+        img_dir = os.path.join(folder, 'img', 'epoch-%d' % epoch) if s['push_save_images'] and writes else None
         if kind in ('warm', 'joint'):
             (tnt.warm_only if kind == 'warm' else tnt.joint)(net)
-            metrics = tnt.train_or_test(model, run.train_loader, device, s, run.opt[kind], use_attention=kind == 'joint',
-                                        desc='epoch %d %s' % (epoch, kind), frozen_bn=frozen_bn and kind == 'warm')
+            metrics = tnt.train_or_test(run.trainer(kind), run.train_loader, device, s, run.opt[kind],
+                                        use_attention=kind == 'joint', desc='epoch %d %s' % (epoch, kind),
+                                        frozen_bn=frozen_bn and kind == 'warm', scaler=run.scaler)
             if kind == 'joint':
                 run.modules['joint_scheduler'].step()
             record(epoch, kind, 'train', metrics)
             final = save('nopush', epoch, test(epoch, kind))
         elif kind == 'push':
-            push.push_prototypes(model, run.push_loader, device, s['class_specific'], epoch=epoch, folder=img_dir,
-                                 rf_info=run.rf_info, img_size=s['img_size'], log=log)
-            final = save('push', epoch, test(epoch, 'push'))
+            # with the cache, the push pass keeps the training features and the test after it its outputs
+            reuse = s['last_layer_cache'] and next_is_last
+            found = push.push_prototypes(net, run.push_loader, device, s['class_specific'], epoch=epoch,
+                                         folder=img_dir, rf_info=run.rf_info, img_size=s['img_size'], log=log,
+                                         keep_features=reuse and run.push_is_train, amp=s['amp'])
+            collected = {} if reuse else None
+            final = save('push', epoch, test(epoch, 'push', collect=collected))
+            if reuse:
+                cache_start = time.time()
+                cache = (epoch, tnt.build_last_layer_cache(net, run.train_loader.dataset, run.test_loader.dataset,
+                                                           device, s, found if 'features' in found else None,
+                                                           collected))
+                if writes:
+                    run_state.save_cache(folder, epoch, cache[1])
+                cache_seconds = time.time() - cache_start
+                phase_seconds['cache'] = round(phase_seconds.get('cache', 0.0) + cache_seconds, 3)
+                pass_start += cache_seconds  # the push's own time leaves the cache out
+                log('epoch %d | last-layer cache of %d training images (%s) and %d test images (%.1fs)'
+                    % (epoch, cache[1]['train_min'].shape[1], 'both orientations' if cache[1]['train_min'].shape[0] == 2
+                       else 'unflipped', cache[1]['test_min'].shape[0], cache_seconds))
         elif s['last_layer_cache']:
             tnt.last_only(net)
-            if cache is None or cache[0] != epoch:
-                cache = (epoch, tnt.build_last_layer_cache(net, run.train_loader.dataset, run.test_loader.dataset,
-                                                           device, s))
+            if cache is None or cache[0] != epoch:  # resumed inside the last-layer passes
+                saved = run_state.load_cache(folder, epoch, device) if distributed.world_size() == 1 else None
+                cache = (epoch, saved if saved is not None else tnt.build_last_layer_cache(
+                    net, run.train_loader.dataset, run.test_loader.dataset, device, s))
             metrics = tnt.cached_last_layer_pass(net, cache[1], run.draws_loader, device, s, run.opt['last'],
                                                  desc='epoch %d last layer %d (cached)' % (epoch, iteration))
             record(epoch, 'last', 'train', metrics, iteration)
@@ -152,20 +203,29 @@ def train(run, s, folder, device, log=print, state=None):
             final = save('last', epoch, test_metrics['accuracy'], iteration)
         else:
             tnt.last_only(net)
-            metrics = tnt.train_or_test(model, run.train_loader, device, s, run.opt['last'], use_attention=True,
-                                        desc='epoch %d last layer %d' % (epoch, iteration), frozen_bn=frozen_bn)
+            metrics = tnt.train_or_test(run.trainer('last'), run.train_loader, device, s, run.opt['last'],
+                                        use_attention=True, desc='epoch %d last layer %d' % (epoch, iteration),
+                                        frozen_bn=frozen_bn, scaler=run.scaler)
             record(epoch, 'last', 'train', metrics, iteration)
             final = save('last', epoch, test(epoch, 'last', iteration), iteration)
-        if kind != 'warm' and kind != 'joint' and (index + 1 == len(schedule) or schedule[index + 1][0] != 'last'):
+        if kind != 'warm' and kind != 'joint' and not next_is_last and writes:
             visualize.write_push_pictures(img_dir, net.last_layer.weight, run.classes, epoch, log=log)
-        run_state.save_state(run_state.state_path(folder), index + 1, run.modules, keep, log,
-                             elapsed + time.time() - start, final=final)
+        phase_seconds[kind] = round(phase_seconds.get(kind, 0.0) + time.time() - pass_start, 3)
+        if writes:
+            run_state.save_state(run_state.state_path(folder), index + 1, run.modules, keep, log,
+                                 elapsed + time.time() - start, final=final, phase_seconds=phase_seconds)
 
+    best = keep.best if writes else None
     summary = {'final_accuracy': final[1] if final else None,
                'final_checkpoint': final[0] if final else None,
-               'best_checkpoint': os.path.basename(keep.best[0]) if keep.best else None,
-               'best_accuracy': keep.best[1] if keep.best else None,
-               'train_seconds': round(elapsed + time.time() - start, 1)}
+               'best_checkpoint': os.path.basename(best[0]) if best else None,
+               'best_accuracy': best[1] if best else None,
+               'train_seconds': round(elapsed + time.time() - start, 1),
+               'phase_seconds': phase_seconds}
+    if distributed.world_size() > 1:
+        summary['processes'] = distributed.world_size()
+    if not writes:
+        return summary
     run_state.finish_run(folder, summary)
     visualize.write_run_report(folder, log=log)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
@@ -205,28 +265,43 @@ def main(argv=None):
     for path in (train_atts, test_atts):
         if not os.path.isfile(path):
             raise config.UserError('attention maps not found: %s (make them with gradcam_extract.py)' % path)
-    device = config.pick_device(args.device, args.gpuid)
-    gpuids = config.gpu_ids(device, args.gpuid)
+    if ',' in str(args.gpuid):
+        raise config.UserError('-gpuid %s: training on several GPUs is done with torchrun, one process per GPU '
+                               '(torchrun --nproc_per_node N main.py ...); DataParallel is gone' % args.gpuid)
+    # under torchrun: the process group, and this rank's device (cuda:LOCAL_RANK, or cpu with gloo)
+    device = distributed.init_distributed(args.device) or config.pick_device(args.device, args.gpuid)
+    try:
+        return run_training(args, s, train_atts, test_atts, device)
+    finally:
+        distributed.close()
+
+
+def run_training(args, s, train_atts, test_atts, device):
+    """Check, prepare, open (rank 0) and train the run of `main`'s arguments on `device`."""
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-
     folder = config.run_dir(s)
     # the sidecars' checksums too: -resume refuses maps extracted again since the run started
     record = {'settings': s, 'train_atts': train_atts, 'test_atts': test_atts,
               'maps_checksums': [map_checksum(path) for path in (train_atts, test_atts)]}
     action = run_state.start_action(folder, args.overwrite, args.resume, 'experiment_run', record)
     if action == 'finished':
-        return run_state.finished_summary(folder)
-    early = run_state.EarlyLog()
+        return run_state.finished_summary(folder, log=print if distributed.is_main() else lambda *_: None)
+    early = run_state.EarlyLog() if distributed.is_main() else run_state.EarlyLog(quiet=True)
     resume = action == 'resume'
     # a resumed run's weights come from last.pth: no -weights file is read
-    run = prepare(dict(s, pretrained=False) if resume else s, train_atts, test_atts, device, gpuids,
-                  None if resume else args.weights, log=early)
-    log, state = run_state.open_run(folder, action, dict(record, device=str(device), versions=config.versions()),
-                                    CSV_FIELDS, early)
-    log('run folder %s, device %s, dataset %s, mode %s' % (folder, device, s['dataset'],
-                                                           'ProtoPNet' if s['class_specific'] else 'LVW'))
-    return train(run, s, folder, device, log=log, state=state)
+    prepared = prepare(dict(s, pretrained=False) if resume else s, train_atts, test_atts, device,
+                       None if resume else args.weights, log=early)
+    distributed.barrier()  # every rank has checked the folder before rank 0 changes it
+    log, state = early, None
+    if distributed.is_main():
+        log, state = run_state.open_run(folder, action, dict(record, device=str(device), versions=config.versions(),
+                                                             processes=distributed.world_size()), CSV_FIELDS, early)
+    state = distributed.broadcast_object(state)
+    log('run folder %s, device %s%s, dataset %s, mode %s'
+        % (folder, device, ' (%d processes)' % distributed.world_size() if distributed.world_size() > 1 else '',
+           s['dataset'], 'ProtoPNet' if s['class_specific'] else 'LVW'))
+    return train(prepared, s, folder, device, log=log, state=state)
 
 
 if __name__ == '__main__':

@@ -199,7 +199,15 @@ class LVWNet(nn.Module):
         return self.add_on_layers(self.features(x))
 
     def forward(self, x):
-        z = self.conv_features(x)
+        return self.head(self.conv_features(x))
+
+    def head(self, z):
+        """Everything after the add-on layers, from their output z (B, D, H, W). Always in
+        float32: under autocast (setting amp) only the backbone and add-on layers run in low
+        precision, because the distances |z|^2 - 2 z.p + |p|^2 lose their small values in bf16."""
+        if torch.is_autocast_enabled(z.device.type):
+            with torch.autocast(z.device.type, enabled=False):
+                return self.head(z.float())
         d = squared_distances(z, self.prototype_vectors)
         min_distances = d.amin(dim=(2, 3))
         similarities = self.similarity(min_distances)

@@ -22,27 +22,41 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import distributed
 from image_data import normalize
 from model import squared_distances
+from train_and_test import amp_context
 from receptive_field import rf_box
 
 
-def nearest_patches(model, loader, device, class_specific):
+def nearest_patches(model, loader, device, class_specific, keep_features=False, amp=None):
     """The push search. Returns a dict of per-word tensors (CPU):
     distance (P,), patch (P, D), image (P,) global index or -1, h, w (P,), label (P,),
-    similarity_map (P, H, W) of the source image."""
+    similarity_map (P, H, W) of the source image; with `keep_features` also 'features', the
+    add-on output z of every image (N, D, H, W) in loader order: it does not depend on the words,
+    so the last-layer cache computes the pushed words' distances from it without another pass."""
     net = model.module if hasattr(model, 'module') else model
     net.eval()
     P = net.prototype_vectors.shape[0]
     word_class = net.prototype_class_identity.argmax(dim=1)
     best = None
     offset = 0
+    features, feature_indices = [], []
+    # under torchrun: this rank's slice of each batch, whose dataset indices the sampler knows
+    slices = loader.batch_sampler if isinstance(loader.batch_sampler, distributed.GlobalBatchSlices) else None
     with torch.no_grad():
-        for images, labels in tqdm(loader, desc='push', leave=False, disable=None):
+        for number, (images, labels) in enumerate(tqdm(loader, desc='push', leave=False, disable=None)):
+            indices = torch.arange(offset, offset + len(images)) if slices is None else \
+                torch.tensor(slices.global_indices(number), dtype=torch.long)
+            images, labels = images[:len(indices)], labels[:len(indices)]  # no stand-in sample of an empty slice
             images = normalize(images.to(device, non_blocking=True))
             labels = labels.to(device)
-            z = net.conv_features(images)                      # (B, D, H, W)
+            with amp_context(device, amp):
+                z = net.conv_features(images).float()          # (B, D, H, W)
             d = squared_distances(z, net.prototype_vectors)    # (B, P, H, W)
+            if keep_features:
+                features.append(z.cpu())
+                feature_indices.append(indices)
             B, _, H, W = d.shape
             if best is None:
                 best = {'distance': torch.full((P,), float('inf'), device=device),
@@ -64,12 +78,29 @@ def nearest_patches(model, loader, device, class_specific):
                 h, w = hw // W, hw % W
                 best['distance'][words] = values[words]
                 best['patch'][words] = z[b, :, h, w]
-                best['image'][words] = b + offset
+                best['image'][words] = indices.to(device)[b]
                 best['h'][words], best['w'][words] = h, w
                 best['label'][words] = labels[b]
                 best['similarity_map'][words] = net.similarity(d[b, words])
             offset += B
-    return {k: v.cpu() for k, v in best.items()}
+    if slices is not None:
+        best = nearest_across_ranks(best)
+    found = {k: v.cpu() for k, v in best.items()}
+    if keep_features:
+        found['features'], found['feature_indices'] = torch.cat(features), torch.cat(feature_indices).tolist()
+    return found
+
+
+def nearest_across_ranks(best):
+    """Each rank's search result (nearest_patches) -> the global one on every rank: per word the
+    smallest distance, ties to the smallest image index, as the first in a single process's order."""
+    stacked = {k: distributed.all_gather_stack(v) for k, v in best.items()}  # (ranks, P, ...)
+    distance, image = stacked['distance'], stacked['image']
+    no_image = torch.iinfo(torch.long).max
+    key = torch.where((distance == distance.min(dim=0).values) & (image >= 0), image, no_image)
+    winner = key.argmin(dim=0)
+    words = torch.arange(distance.shape[1], device=distance.device)
+    return {k: v[winner, words] for k, v in stacked.items()}
 
 
 def high_activation_boxes(maps, img_size, percentile=95, chunk=64):
@@ -131,12 +162,12 @@ def write_push_artefacts(found, dataset, folder, epoch, rf_info, img_size):
 
 
 def push_prototypes(model, loader, device, class_specific, epoch=None, folder=None, rf_info=None,
-                    img_size=None, log=print):
+                    img_size=None, log=print, keep_features=False, amp=None):
     """Project every word onto its nearest training patch; write the artefacts if `folder` is given.
     Returns the search result (see nearest_patches)."""
     start = time.time()
     net = model.module if hasattr(model, 'module') else model
-    found = nearest_patches(net, loader, device, class_specific)
+    found = nearest_patches(net, loader, device, class_specific, keep_features, amp)
     ok = found['image'] >= 0
     with torch.no_grad():
         vectors = net.prototype_vectors.data.view(net.prototype_vectors.shape[0], -1)

@@ -142,8 +142,10 @@ def restore_state(state, modules, keeper=None):
 
 def check_same_run(saved, current, folder, ignore=('num_workers', 'image_check')):
     """-resume continues a run only with the settings it started with (except `ignore`): one line
-    naming the first few that differ."""
-    saved, current = config.to_jsonable(saved), config.to_jsonable(current)
+    naming the first few that differ. Names added to settings.py since the run started count as
+    their defaults there."""
+    defaults = {n: v for n, v in config.default_settings().items() if n not in saved and n != 'presets'}
+    saved, current = config.to_jsonable({**defaults, **saved}), config.to_jsonable(current)
     names = sorted(n for n in set(saved) | set(current) if n not in ignore and saved.get(n) != current.get(n))
     if names:
         shown = ', '.join('%s: %r -> %r' % (n, saved.get(n), current.get(n)) for n in names[:4])
@@ -168,11 +170,32 @@ def start_action(folder, overwrite, resume, name_setting, record):
     return action
 
 
+CACHE_FILE = 'last_layer_cache.pth'
+
+
+def save_cache(folder, epoch, cache):
+    """The last-layer cache built after the push of `epoch`, for a resume inside its passes."""
+    payload = {'epoch': int(epoch), 'cache': _cpu(cache)}
+    config.atomic_write(os.path.join(folder, CACHE_FILE), lambda f: torch.save(payload, f), mode='wb')
+
+
+def load_cache(folder, epoch, device):
+    """The cache `save_cache` wrote for `epoch`, on `device`; None if there is none for that epoch
+    or it cannot be read (it is then built again)."""
+    try:
+        payload = torch.load(os.path.join(folder, CACHE_FILE), map_location=device, weights_only=True)
+    except Exception:
+        return None
+    return payload['cache'] if isinstance(payload, dict) and payload.get('epoch') == epoch else None
+
+
 def finish_run(folder, summary):
-    """Write run_summary.json, which marks the run finished, then drop last.pth, no longer needed."""
+    """Write run_summary.json, which marks the run finished, then drop last.pth (and the
+    last-layer cache), no longer needed."""
     config.save_json(summary, os.path.join(folder, 'run_summary.json'))
-    if os.path.isfile(state_path(folder)):
-        os.remove(state_path(folder))
+    for path in (state_path(folder), os.path.join(folder, CACHE_FILE)):
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def finished_summary(folder, log=print):
@@ -184,12 +207,13 @@ def finished_summary(folder, log=print):
 class EarlyLog:
     """The log before the run folder may be written: printed now, copied into train.log later."""
 
-    def __init__(self):
-        self.lines = []
+    def __init__(self, quiet=False):
+        self.lines, self.quiet = [], quiet
 
     def __call__(self, message):
-        print(message, flush=True)
-        self.lines.append(message)
+        if not self.quiet:  # quiet: a torchrun rank other than 0
+            print(message, flush=True)
+            self.lines.append(message)
 
 
 def open_run(folder, action, record, fields, early):

@@ -58,6 +58,13 @@ frozen_bn_eval = False         # True: the backbone's BatchNorm in eval mode in 
 last_layer_cache = False       # True: last-layer passes on similarities computed once per push (implies frozen_bn_eval)
 seed = 0
 
+# ---- speed and scale (README, "Speed and scale") ----------------------------------------------
+amp = None                     # None (float32) | 'bf16' | 'fp16' (with a GradScaler): autocast of the backbone and
+                               # add-on layers; distances, similarities, losses and the attention map stay float32
+channels_last = False          # the backbone in channels-last memory format (faster convolutions on recent GPUs)
+persistent_workers = False     # keep loader workers between passes (faster starts; a resumed run then draws other flips)
+sync_batchnorm = False         # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+
 # ---- attention maps (see README, "Deliberate deviations") -------------------------------------
 attention_flip = 'joint'       # 'joint': image and map flipped together once; 'double': reference
 train_map_interpolation = 'bilinear'   # word maps -> image size in the attention loss

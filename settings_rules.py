@@ -64,6 +64,10 @@ RULES = {
     'keep_checkpoints': _int(1, none=True),
     'frozen_bn_eval': _bool,
     'last_layer_cache': _bool,
+    'amp': _choice(None, 'bf16', 'fp16'),
+    'channels_last': _bool,
+    'persistent_workers': _bool,
+    'sync_batchnorm': _bool,
     'seed': _int(),
     # attention maps
     'attention_flip': _choice('joint', 'double'),

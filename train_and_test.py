@@ -11,6 +11,7 @@ with, for min distances d_min (B, P), labels y, class identity I (P, C) and last
               L1 = sum |W * (1 - I^T)|                               (D = max_dist)
     Attn = mean over pixels of (A_i - G_i)^2, A_i the normalised top-k word map, G_i the Grad-CAM map.
 """
+import contextlib
 import copy
 import time
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from image_data import normalize
 
 METRIC_NAMES = ('cross_entropy', 'cluster', 'separation', 'attention', 'accuracy', 'l1', 'p_dist_pair')
@@ -129,13 +131,40 @@ def make_optimizers(model, s):
 
 # ---- one pass -----------------------------------------------------------------------------------
 
-def batch_losses(out, labels, gradcam, net, s, use_attention):
-    """All loss terms of one batch as scalar tensors, plus 'total'. `net` is the unwrapped model."""
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def amp_context(device, amp):
+    """Autocast for setting `amp` ('bf16' | 'fp16'; None: no context at all, plain float32).
+    LVWNet.head turns it off again after the add-on layers."""
+    return contextlib.nullcontext() if amp is None else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def model_input(images, device, s):
+    """A [0, 1] image batch as the network takes it: on `device`, normalised, and channels-last
+    when the setting says so."""
+    images = normalize(images.to(device, non_blocking=True))
+    return images.contiguous(memory_format=torch.channels_last) if s.get('channels_last') else images
+
+
+def per_image_attention(word_map, gradcam):
+    """The attention MSE of each image: mean over pixels of (A_i - G_i)^2; (B, S, S) x2 -> (B,)."""
+    return (word_map - gradcam).pow(2).flatten(1).mean(1)
+
+
+def batch_losses(out, labels, gradcam, net, s, use_attention, collect=None):
+    """All loss terms of one batch as scalar tensors, plus 'total'. `net` is the unwrapped model.
+    `collect` (a dict of lists), if given, receives the batch's min distances and per-image
+    attention MSE (what the last-layer cache needs of a test pass)."""
     attention = None
     if gradcam is not None:
         word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
                                       s['train_map_interpolation'], s['train_map_normalisation'])
         attention = attention_loss(word_map, gradcam)
+        if collect is not None:
+            collect.setdefault('attention', []).append(per_image_attention(word_map, gradcam).detach())
+    if collect is not None:
+        collect.setdefault('min_distances', []).append(out.min_distances.detach())
     return combine_losses(out.logits, out.min_distances, labels, attention, net, s, use_attention)
 
 
@@ -168,10 +197,12 @@ def freeze_batchnorm(module):
             m.eval()
 
 
-def train_or_test(model, loader, device, s, optimizer=None, use_attention=False, desc='', frozen_bn=False):
+def train_or_test(model, loader, device, s, optimizer=None, use_attention=False, desc='', frozen_bn=False,
+                  collect=None, scaler=None):
     """One pass over `loader`; trains when `optimizer` is given (model.train(), as the reference,
     also in the frozen phases; with `frozen_bn` the backbone's BatchNorm stays in eval mode), else
-    tests under no_grad in eval mode.
+    tests under no_grad in eval mode. `collect`: see batch_losses. `scaler`: the GradScaler of
+    amp='fp16'.
 
     Returns the per-batch means of the loss terms, accuracy (fraction), time, |W|_1 and the mean
     pairwise word distance.
@@ -181,32 +212,56 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
     model.train(training)
     if training and frozen_bn:
         freeze_batchnorm(net.features)
+    # under torchrun: this rank's slice of each global batch, and its weight (distributed.py)
+    slices = loader.batch_sampler if isinstance(loader.batch_sampler, distributed.GlobalBatchSlices) else None
     sums, n_batches, correct, seen = {}, 0, 0, 0
     start = time.time()
     with torch.set_grad_enabled(training):
         for batch in tqdm(loader, desc=desc, leave=False, disable=None):
             images, gradcam, labels = batch if len(batch) == 3 else (batch[0], None, batch[1])
-            images = normalize(images.to(device, non_blocking=True))
+            images = model_input(images, device, s)
             labels = labels.to(device, non_blocking=True)
             if gradcam is not None:
                 gradcam = gradcam.to(device, non_blocking=True)
-            out = model(images)
-            terms = batch_losses(out, labels, gradcam, net, s, use_attention)
+            with amp_context(device, s.get('amp')):
+                out = model(images)
+            terms = batch_losses(out, labels, gradcam, net, s, use_attention, collect)
+            total = terms['total']
+            if slices is not None:
+                weight = slices.weight(n_batches)
+                total = total * weight
+                terms = {name: value * (weight / slices.parts) for name, value in terms.items()}
+                if weight == 0:  # the stand-in sample of an empty slice counts nowhere
+                    labels = labels[:0]
+                    if collect is not None:
+                        for rows in collect.values():
+                            rows.pop()
+                elif collect is not None:
+                    collect.setdefault('indices', []).append(slices.global_indices(n_batches))
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                terms['total'].backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(total).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    total.backward()
+                    optimizer.step()
             # summed on the device: one synchronisation per pass, not per batch
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
-            correct = correct + (out.logits.argmax(dim=1) == labels).sum()
+            correct = correct + (out.logits[:len(labels)].argmax(dim=1) == labels).sum()
             n_batches += 1
             seen += labels.numel()
-    return pass_metrics(net, sums, n_batches, correct, seen, start)
+    return pass_metrics(net, sums, n_batches, correct, seen, start, across_ranks=slices is not None)
 
 
-def pass_metrics(net, sums, n_batches, correct, seen, start):
-    """The per-batch means of the summed terms, accuracy, time, |W|_1 and the mean pairwise word distance."""
+def pass_metrics(net, sums, n_batches, correct, seen, start, across_ranks=False):
+    """The per-batch means of the summed terms, accuracy, time, |W|_1 and the mean pairwise word
+    distance; `across_ranks`: the ranks' sums (their shares of each global batch) are added up."""
+    if across_ranks:
+        sums = {name: distributed.all_reduce_sum(total) for name, total in sums.items()}
+        correct, seen = distributed.all_reduce_sum(correct), int(distributed.all_reduce_sum(seen))
     metrics = {name: total.item() / max(n_batches, 1) for name, total in sums.items()}
     metrics['accuracy'] = float(correct) / max(seen, 1)
     metrics['time'] = time.time() - start
@@ -219,37 +274,67 @@ def pass_metrics(net, sums, n_batches, correct, seen, start):
 # ---- last-layer passes from cached similarities (setting last_layer_cache) ----------------------
 
 @torch.no_grad()
-def build_last_layer_cache(net, train_set, test_set, device, s):
+def build_last_layer_cache(net, train_set, test_set, device, s, train_features=None, test_outputs=None):
     """What the frozen network gives every image, computed once after a push (the backbone, add-on
     layers and words do not change in the last-layer passes; BatchNorm must be in eval mode):
-        train_min (2, N, P)          min distances of each training image, unflipped [0] and flipped [1]
-        train_attention (2, 2, N)    the image's attention MSE for image orientation i, map orientation j
+        train_min (F, N, P)          min distances of each training image, unflipped [0] and, if the
+                                     training set flips (F = 2), flipped [1]
+        train_attention (F, F, N)    the image's attention MSE for image orientation i, map orientation j
         test_min (Nt, P), test_attention (Nt,), test_labels (Nt,)
-    Memory: (2 N + Nt) P + 4 N + Nt floats. The loaders draw from a generator of their own, so the
-    run's generator is left as the uncached run leaves it."""
+    Memory: (F N + Nt) P + F^2 N + 2 Nt numbers.
+    Passes it can skip: `train_features` (push.nearest_patches' 'features' and 'feature_indices'),
+    the add-on output z of the unflipped training images, gives their distances to the pushed
+    words; `test_outputs`, what the test after the push collected (train_or_test's `collect`),
+    is the test part. Under torchrun each rank computes its rows and every rank gets them all.
+    The loaders draw from a generator of their own, so the run's generator is left as the
+    uncached run leaves it."""
     net.eval()
-    cache = {}
-    for split, dataset, flips in (('train', train_set, (False, True)), ('test', test_set, (False,))):
-        plain = copy.copy(dataset)
-        plain.flip = 'none'
-        loader = torch.utils.data.DataLoader(plain, batch_size=s['test_batch_size'], num_workers=s['num_workers'],
-                                             generator=torch.Generator())
-        mins, atts = [], []
-        for images, gradcam, _ in tqdm(loader, desc='cache %s' % split, leave=False, disable=None):
-            images, gradcam = images.to(device), gradcam.to(device)
-            batch_min, batch_att = [], []
-            for image_flip in flips:
-                out = net(normalize(images.flip(-1) if image_flip else images))
-                word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
-                                              s['train_map_interpolation'], s['train_map_normalisation'])
-                batch_min.append(out.min_distances)
-                batch_att.append(torch.stack([(word_map - (gradcam.flip(-1) if map_flip else gradcam)).pow(2)
-                                              .flatten(1).mean(1) for map_flip in flips]))
-            mins.append(torch.stack(batch_min))
-            atts.append(torch.stack(batch_att))
-        cache[split + '_min'] = torch.cat(mins, dim=-2)
-        cache[split + '_attention'] = torch.cat(atts, dim=-1)
-    cache['test_min'], cache['test_attention'] = cache['test_min'][0], cache['test_attention'][0, 0]
+    flips = (False, True) if train_set.flip != 'none' else (False,)
+    plain = copy.copy(train_set)
+    plain.flip = 'none'
+    if train_features is not None:
+        features, rows = train_features['features'], train_features['feature_indices']
+    else:
+        features, rows = None, list(range(*distributed.slice_bounds(len(plain), distributed.rank(),
+                                                                     distributed.world_size())))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(plain, rows), batch_size=s['test_batch_size'],
+                                         num_workers=s['num_workers'], generator=torch.Generator())
+    mins, atts, done = [], [], 0
+    for images, gradcam, _ in tqdm(loader, desc='cache train', leave=False, disable=None):
+        gradcam, batch_rows = gradcam.to(device), slice(done, done + len(images))
+        done += len(images)
+        batch_min, batch_att = [], []
+        for image_flip in flips:
+            with amp_context(device, s.get('amp')):
+                if image_flip or features is None:
+                    out = net(model_input(images.flip(-1) if image_flip else images, device, s))
+                else:
+                    out = net.head(features[batch_rows].to(device))
+            word_map = word_attention_map(out.similarity_maps, out.min_distances, s['topk'], gradcam.shape[-1],
+                                          s['train_map_interpolation'], s['train_map_normalisation'])
+            batch_min.append(out.min_distances)
+            batch_att.append(torch.stack([per_image_attention(word_map, gradcam.flip(-1) if map_flip else gradcam)
+                                          for map_flip in flips]))
+        mins.append(torch.stack(batch_min, dim=1))    # (B, F, P)
+        atts.append(torch.stack(batch_att).permute(2, 0, 1))  # (B, F, F)
+    n = len(plain)
+    cache = {'train_min': distributed.gather_rows(torch.cat(mins), rows, n).transpose(0, 1).contiguous(),
+             'train_attention': distributed.gather_rows(torch.cat(atts), rows, n).permute(1, 2, 0).contiguous()}
+    if test_outputs is None:
+        test_outputs = {}
+        test_rows = list(range(*distributed.slice_bounds(len(test_set), distributed.rank(), distributed.world_size())))
+        plain_test = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, test_rows),
+                                                 batch_size=s['test_batch_size'], num_workers=s['num_workers'],
+                                                 generator=torch.Generator())
+        for images, gradcam, labels in tqdm(plain_test, desc='cache test', leave=False, disable=None):
+            with amp_context(device, s.get('amp')):
+                out = net(model_input(images, device, s))
+            batch_losses(out, labels.to(device), gradcam.to(device), net, s, False, collect=test_outputs)
+        test_outputs['indices'] = [test_rows]
+    test_rows = [i for part in test_outputs['indices'] for i in part] if 'indices' in test_outputs else None
+    for name, key in (('test_min', 'min_distances'), ('test_attention', 'attention')):
+        values = torch.cat(test_outputs[key])
+        cache[name] = values if test_rows is None else distributed.gather_rows(values, test_rows, len(test_set))
     cache['test_labels'] = torch.tensor([label for _, label in test_set.samples], device=device)
     return cache
 
@@ -282,8 +367,9 @@ def cached_test(net, cache, test_loader, s):
     """The test pass on cached min distances, batch by batch as `test_loader` would give them."""
     iter(test_loader)  # the uncached pass starts an iterator, which draws a seed from the run's generator
     start, sums, n_batches, correct, seen = time.time(), {}, 0, 0, 0
-    for begin in range(0, len(cache['test_labels']), test_loader.batch_size):
-        rows = slice(begin, begin + test_loader.batch_size)
+    size = test_loader.batch_sampler.batch_size  # the global batch under torchrun too
+    for begin in range(0, len(cache['test_labels']), size):
+        rows = slice(begin, begin + size)
         min_distances, labels = cache['test_min'][rows], cache['test_labels'][rows]
         logits = net.last_layer(net.similarity(min_distances))
         terms = combine_losses(logits, min_distances, labels, cache['test_attention'][rows].mean(), net, s, False)

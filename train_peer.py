@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import config
+import distributed
 import peers
 import run_state
 from checkpoint import CheckpointKeeper, checkpoint_name
@@ -144,6 +145,7 @@ def train_peer(run, s, method, folder, device, log=print, state=None):
 
 
 def main(argv=None):
+    distributed.refuse_torchrun(os.path.basename(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-method', required=True, choices=tuple(peers.METHODS), help='the peer to train')
     parser.add_argument('-weights', default=None,

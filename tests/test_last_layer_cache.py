@@ -73,3 +73,44 @@ def test_frozen_bn_eval_keeps_the_backbone_statistics_in_the_warm_epoch(tiny_wor
         after = next(torch.load(os.path.join(run_path(run), f), weights_only=True)['state_dict']
                      for f in os.listdir(run_path(run)) if f.startswith('0nopush'))
         assert any(not torch.equal(after[k], start[k]) for k in stats) == moved
+
+
+def test_cache_reuses_the_push_pass_and_the_test_after_it(tiny_workspace, monkeypatch):
+    """The push keeps the unflipped training features and the test after it its outputs, so the
+    cache costs one pass over the flipped training images only."""
+    monkeypatch.chdir(tiny_workspace)
+    calls = []
+    build = lvw_main.tnt.build_last_layer_cache
+
+    def spy(net, train_set, test_set, device, s, train_features=None, test_outputs=None):
+        calls.append((train_features is not None and len(train_features['feature_indices']) == len(train_set),
+                      test_outputs is not None and sum(len(m) for m in test_outputs['min_distances']) == len(test_set)))
+        return build(net, train_set, test_set, device, s, train_features, test_outputs)
+
+    monkeypatch.setattr(lvw_main.tnt, 'build_last_layer_cache', spy)
+    lvw_main.main(args('cache_spy', 'last_layer_cache=True'))
+    assert calls == [(True, True), (True, True)]  # one per push, both parts reused
+    assert not os.path.exists(os.path.join(run_path('cache_spy'), run_state.CACHE_FILE))  # removed at the end
+
+
+def test_resume_without_the_cache_file_builds_it_again(tiny_workspace, monkeypatch):
+    """Killed after the push (the cache file written), the file lost: the resumed run builds the
+    cache from scratch and ends as the uninterrupted run, to 1e-5."""
+    monkeypatch.chdir(tiny_workspace)
+    lvw_main.main(args('rebuild_ref', 'last_layer_cache=True'))
+    with monkeypatch.context() as patch:
+        fail_at(patch, run_state, 'save_state', 3, after=True)  # passes: warm 0, joint 1, push 1 <- here
+        with pytest.raises(Boom):
+            lvw_main.main(args('rebuild_cut', 'last_layer_cache=True'))
+    os.remove(os.path.join(run_path('rebuild_cut'), run_state.CACHE_FILE))
+    lvw_main.main(args('rebuild_cut', 'last_layer_cache=True', '-resume'))
+    for r, q in zip(rows('rebuild_ref'), rows('rebuild_cut'), strict=True):
+        assert r['accuracy'] == q['accuracy']
+        assert float(q['cross_entropy']) == pytest.approx(float(r['cross_entropy']), rel=1e-5)
+    ref = sorted(f for f in os.listdir(run_path('rebuild_ref')) if f.endswith('.pth'))
+    assert ref == sorted(f for f in os.listdir(run_path('rebuild_cut')) if f.endswith('.pth'))
+    for f in ref:
+        a = torch.load(os.path.join(run_path('rebuild_ref'), f), weights_only=True)['state_dict']
+        b = torch.load(os.path.join(run_path('rebuild_cut'), f), weights_only=True)['state_dict']
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
