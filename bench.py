@@ -185,8 +185,8 @@ def schedule_bench(args):
     # warm, joint and push do the same work in both runs: how much they differ is the machine's drift
     shared = [sum(results[c][0]['phase_seconds'].get(p, 0.0) for p in ('warm', 'joint', 'push')) for c in (False, True)]
     equal_speed = (shared[0] + totals[1] - shared[1]) / totals[0]
-    print('shared phases (warm, joint, push: the same work in both runs) %.1f s and %.1f s: the machine ran %+.0f %% '
-          'slower in the second run' % (shared[0], shared[1], 100 * (shared[1] / shared[0] - 1)))
+    print('shared phases (warm, joint, push: the same work in both runs) %.1f s and %.1f s: the second run took '
+          '%+.0f %% (the machine\'s drift)' % (shared[0], shared[1], 100 * (shared[1] / shared[0] - 1)))
     print('schedule ratio at equal speed (the shared phases timed by the first run): %.3f' % equal_speed)
     ratio = totals[1] / totals[0]
     print('schedule ratio cached/faithful: %.3f' % ratio)

@@ -192,7 +192,9 @@ def train(run, s, folder, device, log=print, state=None):
         elif s['last_layer_cache']:
             tnt.last_only(net)
             if cache is None or cache[0] != epoch:  # resumed inside the last-layer passes
-                saved = run_state.load_cache(folder, epoch, device) if distributed.world_size() == 1 else None
+                saved = distributed.broadcast_object(run_state.load_cache(folder, epoch, 'cpu')
+                                                     if distributed.is_main() else None)
+                saved = {k: v.to(device) for k, v in saved.items()} if saved is not None else None
                 cache = (epoch, saved if saved is not None else tnt.build_last_layer_cache(
                     net, run.train_loader.dataset, run.test_loader.dataset, device, s))
             metrics = tnt.cached_last_layer_pass(net, cache[1], run.draws_loader, device, s, run.opt['last'],

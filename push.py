@@ -48,7 +48,8 @@ def nearest_patches(model, loader, device, class_specific, keep_features=False, 
         for number, (images, labels) in enumerate(tqdm(loader, desc='push', leave=False, disable=None)):
             indices = torch.arange(offset, offset + len(images)) if slices is None else \
                 torch.tensor(slices.global_indices(number), dtype=torch.long)
-            images, labels = images[:len(indices)], labels[:len(indices)]  # no stand-in sample of an empty slice
+            if len(indices) == 0:  # this rank's slice of a small last batch is empty (a stand-in sample came)
+                continue
             images = normalize(images.to(device, non_blocking=True))
             labels = labels.to(device)
             with amp_context(device, amp):

@@ -234,8 +234,9 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
                 if weight == 0:  # the stand-in sample of an empty slice counts nowhere
                     labels = labels[:0]
                     if collect is not None:
-                        for rows in collect.values():
-                            rows.pop()
+                        for key in ('attention', 'min_distances'):
+                            if key in collect:
+                                collect[key].pop()
                 elif collect is not None:
                     collect.setdefault('indices', []).append(slices.global_indices(n_batches))
             if training:
