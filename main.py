@@ -11,6 +11,7 @@ saved_models/<arch>/<experiment_run>/ as <epoch>nopush<acc>.pth, <epoch>push<acc
 Every input (settings, maps, images, weights) is checked before the run folder is touched.
 After each pass, <run>/last.pth holds everything needed to continue: the same command with
 -resume picks up after the last finished pass (run_state.py). -overwrite moves an old run aside.
+`torchrun --nproc_per_node N main.py ...` trains on N processes (distributed.py); rank 0 writes.
 """
 import argparse
 import functools

@@ -25,16 +25,17 @@ from tqdm import tqdm
 import distributed
 from image_data import normalize
 from model import squared_distances
-from train_and_test import amp_context
 from receptive_field import rf_box
+from train_and_test import amp_context
 
 
 def nearest_patches(model, loader, device, class_specific, keep_features=False, amp=None):
     """The push search. Returns a dict of per-word tensors (CPU):
     distance (P,), patch (P, D), image (P,) global index or -1, h, w (P,), label (P,),
     similarity_map (P, H, W) of the source image; with `keep_features` also 'features', the
-    add-on output z of every image (N, D, H, W) in loader order: it does not depend on the words,
-    so the last-layer cache computes the pushed words' distances from it without another pass."""
+    add-on output z of every image scanned (N, D, H, W), and 'feature_indices', their dataset
+    indices (all images in order; under torchrun this rank's): z does not depend on the words, so
+    the last-layer cache computes the pushed words' distances from it without another pass."""
     net = model.module if hasattr(model, 'module') else model
     net.eval()
     P = net.prototype_vectors.shape[0]

@@ -105,6 +105,15 @@ def test_several_gpus_without_torchrun_is_refused(tiny_workspace, monkeypatch, c
     assert 'torchrun --nproc_per_node' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('script', ['gradcam_extract', 'eval_iou', 'eval_metrics', 'finetune_backbone', 'train_peer'])
+def test_single_process_scripts_refuse_torchrun(monkeypatch, script):
+    import importlib
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(distributed.UserError, match='%s.py runs in one process; start it with python, not torchrun'
+                       % script):
+        importlib.import_module(script).main([])
+
+
 # ---- two processes against one ------------------------------------------------------------------
 
 CASES = {'plain': [], 'cached': ['last_layer_cache=True'],
