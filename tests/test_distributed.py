@@ -172,3 +172,18 @@ def test_torchrun_run_killed_then_resumed_matches(tiny_workspace, monkeypatch):
     resumed = torchrun(lvw_args('ddp_cut', '-resume'))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run('ddp_ref', 'ddp_cut')
+
+
+def test_torchrun_trains_joint_epochs(tiny_workspace, monkeypatch):
+    """The usual schedule (warm, then joint epochs with BatchNorm training on each rank's slice):
+    three DDP wrappers take turns (warm, joint, last layer) and the run finishes once."""
+    monkeypatch.chdir(tiny_workspace)
+    args = ['-dataset', 'toy', '-set', *tiny_overrides('./data/toy', experiment_run='ddp_joint'),
+            'last_layer_iterations=1', 'save_threshold=-1', '-weights', 'saved_models/base/toy_resnet18.pth']
+    done = torchrun(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = [(r['epoch'], r['phase'], r['split']) for r in rows('ddp_joint')]
+    assert ('1', 'joint', 'train') in phases and ('2', 'joint', 'train') in phases
+    assert len(phases) == len(set((r['epoch'], r['phase'], r['split'], r['iteration']) for r in rows('ddp_joint')))
+    summary, _ = final_state('ddp_joint')
+    assert summary['processes'] == 2 and 0 <= summary['final_accuracy'] <= 1
