@@ -127,7 +127,7 @@ def projected_seconds(per_image, counts, n_train, n_test, cached):
 
 
 def run_schedule(args, cached, root):
-    """One run of the benchmark schedule; returns (summary, per-pass times, run folder)."""
+    """One run of the benchmark schedule; returns (run summary, mean seconds of one pass per phase)."""
     name = 'cached' if cached else 'faithful'
     settings = ['data_path=%r' % os.path.join(root, 'data/toy/'), 'experiment_run=%r' % name,
                 'num_train_epochs=%d' % args.epochs, 'push_start=%d' % min(args.push_epochs),

@@ -117,17 +117,20 @@ class GlobalBatchSlices(torch.utils.data.Sampler):
         start, stop = slice_bounds(len(batch), self.part, self.parts)
         return batch[start:stop] if stop > start else batch[:1]
 
+    def rows(self, batch_number):
+        """(size of global batch `batch_number`, this rank's rows [start, stop) of it)."""
+        size = min(self.batch_size, self.n - batch_number * self.batch_size)
+        return (size, *slice_bounds(size, self.part, self.parts))
+
     def weight(self, batch_number):
         """This rank's share of global batch `batch_number` times the world size (DDP averages
         the ranks' gradients); 0 for the stand-in sample of an empty slice."""
-        size = min(self.batch_size, self.n - batch_number * self.batch_size)
-        start, stop = slice_bounds(size, self.part, self.parts)
+        size, start, stop = self.rows(batch_number)
         return (stop - start) * self.parts / size
 
     def global_indices(self, batch_number):
         """The dataset indices of this rank's rows of an unshuffled loader's batch (push, tests)."""
-        size = min(self.batch_size, self.n - batch_number * self.batch_size)
-        start, stop = slice_bounds(size, self.part, self.parts)
+        _, start, stop = self.rows(batch_number)
         first = batch_number * self.batch_size
         return list(range(first + start, first + stop))
 

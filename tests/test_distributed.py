@@ -1,6 +1,7 @@
 """torchrun: two gloo processes on CPU train the same run as one process with the same global
 batch, write one run folder, and resume after both are killed."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -40,11 +41,11 @@ def rows(run):
         return list(csv.DictReader(f))
 
 
-def final_state(run, summary_name='final_checkpoint'):
-    import json
+def final_state(run):
+    """A finished run's summary and its final checkpoint."""
     with open(os.path.join(run_path(run), 'run_summary.json')) as f:
         summary = json.load(f)
-    return summary, torch.load(os.path.join(run_path(run), summary[summary_name]), weights_only=True)
+    return summary, torch.load(os.path.join(run_path(run), summary['final_checkpoint']), weights_only=True)
 
 
 # ---- the pieces ---------------------------------------------------------------------------------
