@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-full demo-peers test clean-demo
+.PHONY: demo demo-full demo-peers benchmark test clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo-full: $(VENV)/.installed
 # ... and the four peers (SCOUTER+, SCOUTER-, GC, LFI-CAM), then one metrics table of all sources
 demo-peers: $(VENV)/.installed
 	$(PY) demo.py --peers
+
+# every method over seeds 0, 1, 2 on the toy data, scored and compared: results/toy_benchmark.{md,json,png};
+# hours on 2 CPU cores, resumable (run it again to continue); `python benchmark.py -quick` takes minutes
+benchmark: $(VENV)/.installed
+	$(PY) benchmark.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
