@@ -296,7 +296,7 @@ def compare(per_method, metric, a, b, test):
             'mean': m, 'sd': sd, 'verdict': verdict(diffs, test, margin) if diffs else 'not run yet'}
 
 
-def build_report(plan, methods, steps_done):
+def build_report(plan, methods, steps_done, argv=()):
     per_method = {}
     for method in methods:
         vals = {seed: read_values(plan, seed, method) for seed in plan.seeds}
@@ -310,7 +310,8 @@ def build_report(plan, methods, steps_done):
             'per_seed': per_method, 'summary': {m: summarise(per_method[m]) for m in methods},
             'claims': claims, 'missing': missing, 'steps_seconds': steps_done,
             'wall_seconds': round(sum(steps_done.values()), 1), 'versions': config.versions(),
-            'command': 'python benchmark.py ' + ' '.join(sys.argv[1:])}
+            # -report rebuilds the same report: the command that makes the runs is the one to give
+            'command': ' '.join(['python benchmark.py'] + [a for a in argv if a != '-report'])}
 
 
 def _fmt(mean, sd, digits=3):
@@ -348,10 +349,10 @@ def to_markdown(report):
               '| claim | metric | a - b | per seed | mean ± sd | verdict |', '|---|---|---|---|---|---|']
     for claim in report['claims']:
         for k, c in enumerate(claim['comparisons']):
-            lines.append('| %s | %s | %s - %s | %s | %s | %s%s |' % (
+            lines.append('| %s | %s | %s - %s | %s | %s | %s |' % (
                 claim['claim'] if k == 0 else '', METRICS[c['metric']][0], report['labels'][c['a']],
                 report['labels'][c['b']], ', '.join('%+.3f' % d for d in c['diffs']) or 'n/a',
-                _fmt(c['mean'], c['sd'], 3), '**%s**' % c['verdict'] if k == 0 else c['verdict'], ''))
+                _fmt(c['mean'], c['sd'], 3), '**%s**' % c['verdict'] if k == 0 else c['verdict']))
     if report['missing']:
         lines += ['', 'Not run yet: %s.' % '; '.join(report['missing'])]
     return '\n'.join(lines) + '\n'
@@ -430,7 +431,7 @@ def main(argv=None):
         done = config.read_json(os.path.join(plan.root, 'steps.json'), required=False) or {}
     else:
         done = run_benchmark(plan, methods, log)
-    report = build_report(plan, methods, done)
+    report = build_report(plan, methods, done, sys.argv[1:] if argv is None else argv)
     md = write_report(report, out)
     print()
     print(md)

@@ -124,5 +124,7 @@ def test_quick_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     partial = benchmark.main(['-quick', '-report', '-seeds', '0', '1', '-out', str(tmp_path / 'partial')])
     assert _steps_run(capsys.readouterr().out) == []
     assert partial['missing'] == ['seed 1: %s' % m for m in benchmark.METHODS]
+    assert report['command'] == 'python benchmark.py -quick'  # -report names the command that made the runs
+    assert partial['command'] == 'python benchmark.py -quick -seeds 0 1 -out %s' % (tmp_path / 'partial')
     assert partial['claims'] == report['claims']
     assert 'Not run yet: seed 1: base;' in (tmp_path / 'partial' / 'toy_benchmark.md').read_text()
