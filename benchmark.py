@@ -224,7 +224,10 @@ def train_method(plan, seed, method):
 def model_path(plan, seed, method):
     if method == 'base':
         return plan.base_path(seed)
-    return checkpoint_of(os.path.join('saved_models', plan.s['base_architecture'], plan.run_name(seed, method)))
+    name = plan.run_name(seed, method)
+    if method in WORD_METHODS:
+        return checkpoint_of(config.run_dir(dict(plan.s, experiment_run=name)))
+    return checkpoint_of(train_peer.peer_run_dir(dict(plan.s, peer_run=name), method))
 
 
 def evaluate_method(plan, seed, method):
