@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-full demo-peers benchmark test clean-demo
+.PHONY: demo demo-full demo-peers benchmark test test-portable clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ benchmark: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# the same suite with other CPU kernels than this machine's best, as another CPU computes:
+# ATen's kernels without AVX, oneDNN's convolutions at SSE4.1, MKL's reproducible GEMM
+PORTABLE_KERNELS := ATEN_CPU_CAPABILITY=default DNNL_MAX_CPU_ISA=SSE41 MKL_CBWR=COMPATIBLE
+test-portable: $(VENV)/.installed
+	$(PORTABLE_KERNELS) $(PY) -m pytest -q tests
 
 # only what the demos write (their runs moved aside by -overwrite included), not other runs
 DEMO_RUNS := toy_lvw toy_protopnet toy_scouter_plus toy_scouter_minus toy_gc toy_lfi_cam

@@ -251,10 +251,17 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
             # summed on the device: one synchronisation per pass, not per batch
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
-            correct = correct + (out.logits[:len(labels)].argmax(dim=1) == labels).sum()
+            correct = correct + count_correct(out.logits[:len(labels)], labels)
             n_batches += 1
             seen += labels.numel()
     return pass_metrics(net, sums, n_batches, correct, seen, start, across_ranks=slices is not None)
+
+
+def count_correct(logits, labels):
+    """The number of images whose top logit is their label: sum_i [argmax_c logits[i, c] == y_i];
+    logits (B, C), labels (B,) -> 0-d tensor. Every pass counts its decisions here (the tests
+    record them through it)."""
+    return (logits.argmax(dim=1) == labels).sum()
 
 
 def pass_metrics(net, sums, n_batches, correct, seen, start, across_ranks=False):
@@ -357,7 +364,7 @@ def cached_last_layer_pass(net, cache, draws_loader, device, s, optimizer, desc=
         optimizer.step()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach()
-        correct = correct + (logits.argmax(dim=1) == labels).sum()
+        correct = correct + count_correct(logits, labels)
         n_batches += 1
         seen += labels.numel()
     return pass_metrics(net, sums, n_batches, correct, seen, start)
@@ -376,7 +383,7 @@ def cached_test(net, cache, test_loader, s):
         terms = combine_losses(logits, min_distances, labels, cache['test_attention'][rows].mean(), net, s, False)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
-        correct = correct + (logits.argmax(dim=1) == labels).sum()
+        correct = correct + count_correct(logits, labels)
         n_batches += 1
         seen += labels.numel()
     return pass_metrics(net, sums, n_batches, correct, seen, start)

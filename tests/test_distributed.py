@@ -3,13 +3,16 @@ batch, write one run folder, and resume after both are killed."""
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 import distributed
+from tests import decisions
 from image_data import FlipDraws, ImageDataset, draw_flips
 from tests.conftest import ROOT, tiny_overrides
 from tests.test_resume import assert_same_run, run_path, state_done
@@ -25,15 +28,62 @@ def lvw_args(run, *extra):
             '-weights', 'saved_models/base/toy_resnet18.pth']
 
 
-def torchrun(args, processes=2, fault=(), timeout=600):
-    """main.py under torchrun with `processes` CPU processes (gloo); `fault`: (function, k, mode)
-    of tests/fault_runner.py, applied in every process."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    script = [os.path.join(ROOT, 'tests', 'fault_runner.py'), *fault, 'main.py'] if fault else \
-        [os.path.join(ROOT, 'main.py')]
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes),
-               *script, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+def torchrun_command(args, processes=2, script=(), node=None):
+    """The command line of main.py under torchrun with `processes` CPU processes (gloo).
+    `script`: a runner and its arguments put before main.py (tests/fault_runner.py, which
+    applies a fault in every process, or tests/decisions.py, which records the decisions).
+    `node`: (node_rank, port) for one of two launchers as two nodes (--nnodes 2), with the
+    rendezvous on 127.0.0.1:port; else one launcher (--standalone)."""
+    where = ['--standalone'] if node is None else [
+        '--nnodes', '2', '--node_rank', str(node[0]), '--master_addr', '127.0.0.1', '--master_port', str(node[1])]
+    main_py = [*script, 'main.py'] if script else [os.path.join(ROOT, 'main.py')]
+    return [sys.executable, '-m', 'torch.distributed.run', *where, '--nproc_per_node', str(processes), *main_py, *args]
+
+
+def launcher_env():
+    # gloo on the loopback device: the nodes of the two-node test are this machine
+    return dict(os.environ, OMP_NUM_THREADS='1', GLOO_SOCKET_IFNAME='lo')
+
+
+def torchrun(args, processes=2, fault=(), record=None, timeout=600):
+    """main.py under torchrun; `fault`: (function, k, mode) of tests/fault_runner.py, applied in
+    every process; `record`: where tests/decisions.py saves each rank's decisions."""
+    return subprocess.run(torchrun_command(args, processes, runner(fault, record)), capture_output=True, text=True,
+                          timeout=timeout, env=launcher_env())
+
+
+def runner(fault=(), record=None):
+    if fault:
+        return [os.path.join(ROOT, 'tests', 'fault_runner.py'), *fault]
+    return [os.path.join(ROOT, 'tests', 'decisions.py'), record] if record else []
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_two_nodes(args, fault=(), record=None, timeout=600):
+    """Two torchrun launchers started at once as nodes 0 and 1 of one job (one process each);
+    returns their (exit status, stderr)."""
+    port, launched = free_port(), []
+    with tempfile.TemporaryDirectory() as logs:
+        for node in (0, 1):
+            err = open(os.path.join(logs, 'node%d.err' % node), 'w+')
+            launched.append((subprocess.Popen(torchrun_command(args, 1, runner(fault, record), (node, port)),
+                                              stdout=subprocess.DEVNULL, stderr=err, env=launcher_env()), err))
+        results = []
+        for process, err in launched:
+            try:
+                process.wait(timeout=timeout)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+            err.seek(0)
+            results.append((process.returncode, err.read()))
+            err.close()
+    return results
 
 
 def rows(run):
@@ -123,41 +173,66 @@ CASES = {'plain': [], 'cached': ['last_layer_cache=True'],
                                   'test_batch_size=8']}
 
 
-@pytest.mark.parametrize('case', list(CASES))
-def test_two_processes_train_what_one_process_trains(tiny_workspace, monkeypatch, case):
-    """Same global batches and flips, gradients of the global batch mean, the push's nearest patch
-    over both ranks, accuracies summed over ranks: the pushed words and W agree with one process
-    to 1e-4, every accuracy is equal, and every loss agrees to 1e-4 except the training losses after
-    a push, to 1e-1: their batches hold the words' own source patches, at distance 0 up to rounding,
-    where log((d + 1) / (d + 1e-4)) and the word maps normalised by their maximum turn the last bits
-    of d (which depend on the batch's size on the CPU) into a visible difference. One run folder,
-    written once."""
-    import main as lvw_main
-    monkeypatch.chdir(tiny_workspace)
-    single, name, extra = 'one_' + case, 'two_' + case, CASES[case]
-    lvw_main.main(lvw_args(single, *extra))
-    done = torchrun(lvw_args(name, *extra))
-    assert done.returncode == 0, done.stderr[-3000:]
-    one, two = rows(single), rows(name)
-    assert [(r['epoch'], r['phase'], r['split'], r['iteration']) for r in two] == \
-        [(r['epoch'], r['phase'], r['split'], r['iteration']) for r in one]  # no row twice
-    pushed = False
-    for a, b in zip(one, two):
-        assert b['accuracy'] == a['accuracy'], (a, b)
-        pushed = pushed or a['phase'] == 'push'
-        for key in ('cross_entropy', 'cluster', 'attention', 'l1'):
-            tolerance = 1e-1 if pushed and a['split'] == 'train' and key != 'l1' else 1e-4
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=tolerance, abs=1e-6), (key, a, b)
+def assert_trains_as_one(single, name, recorded_single, recorded, processes):
+    """Run `name` (under torchrun, `processes` in all, its decisions recorded at `recorded`)
+    trained what the single-process run `single` trained, as far as two runs whose sums are split
+    differently can (decisions.assert_same_training: the same rows and images, decisions equal
+    where they are not near-ties, the losses), the final words and W as close
+    (decisions.assert_close_weights), one run folder written once."""
+    decisions.assert_same_training(rows(single), rows(name), decisions.load(recorded_single),
+                                   decisions.load(recorded, processes), '%s against %s' % (name, single))
     summary_one, ckpt_one = final_state(single)
     summary_two, ckpt_two = final_state(name)
-    assert summary_two['final_checkpoint'] == summary_one['final_checkpoint']
-    assert summary_two['processes'] == 2
-    for key in ('prototype_vectors', 'last_layer.weight'):
-        torch.testing.assert_close(ckpt_two['state_dict'][key], ckpt_one['state_dict'][key], rtol=0, atol=1e-4)
+    assert decisions.without_accuracy(summary_two['final_checkpoint']) == \
+        decisions.without_accuracy(summary_one['final_checkpoint'])
+    assert summary_two['processes'] == processes
+    words_and_w = ('prototype_vectors', 'last_layer.weight')
+    decisions.assert_close_weights({k: ckpt_one['state_dict'][k] for k in words_and_w},
+                                   {k: ckpt_two['state_dict'][k] for k in words_and_w}, name)
     with open(os.path.join(run_path(name), 'train.log')) as f:
         log = f.read()
-    assert log.count('run folder ') == 1 and '(2 processes)' in log
-    assert sorted(os.listdir(run_path(name))) == sorted(os.listdir(run_path(single)))
+    assert log.count('run folder ') == 1 and '(%d processes)' % processes in log
+    assert sorted(map(decisions.without_accuracy, os.listdir(run_path(name)))) == \
+        sorted(map(decisions.without_accuracy, os.listdir(run_path(single))))
+
+
+def run_recorded(run_args, out):
+    """main.py in this process with its decisions recorded at `out`."""
+    import main as lvw_main
+    with decisions.recording(out):
+        lvw_main.main(run_args)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_two_processes_train_what_one_process_trains(tiny_workspace, monkeypatch, tmp_path, case):
+    """Same global batches and flips, gradients of the global batch mean, the push's nearest patch
+    over both ranks, accuracies summed over ranks: two processes train what one trains
+    (assert_trains_as_one)."""
+    monkeypatch.chdir(tiny_workspace)
+    single, name, extra = 'one_' + case, 'two_' + case, CASES[case]
+    run_recorded(lvw_args(single, *extra), str(tmp_path / 'one'))
+    done = torchrun(lvw_args(name, *extra), record=str(tmp_path / 'two'))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_trains_as_one(single, name, str(tmp_path / 'one'), str(tmp_path / 'two'), 2)
+
+
+def test_two_nodes_train_what_one_process_trains_and_resume(tiny_workspace, monkeypatch, tmp_path):
+    """Two torchrun launchers on this machine as two nodes (--nnodes 2, --node_rank 0 and 1, one
+    process each, rendezvous on 127.0.0.1) train what one process trains into one run folder;
+    both killed inside epoch 1, then started again with -resume, they end bit for bit as the
+    uninterrupted two-node run."""
+    monkeypatch.chdir(tiny_workspace)
+    run_recorded(lvw_args('one_node'), str(tmp_path / 'one'))
+    for status, err in torchrun_two_nodes(lvw_args('two_nodes'), record=str(tmp_path / 'two')):
+        assert status == 0, err[-3000:]
+    assert_trains_as_one('one_node', 'two_nodes', str(tmp_path / 'one'), str(tmp_path / 'two'), 2)
+    # per rank, train_and_test.normalize runs once per batch: 3 + 1 in epoch 0, the 6th is in epoch 1
+    for status, err in torchrun_two_nodes(lvw_args('two_nodes_cut'), fault=('train_and_test.normalize', '6', 'kill')):
+        assert status != 0, err[-3000:]
+    assert state_done('two_nodes_cut') == 1
+    for status, err in torchrun_two_nodes(lvw_args('two_nodes_cut', '-resume')):
+        assert status == 0, err[-3000:]
+    assert_same_run('two_nodes', 'two_nodes_cut')
 
 
 def test_torchrun_run_killed_then_resumed_matches(tiny_workspace, monkeypatch):
