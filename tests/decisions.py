@@ -95,10 +95,11 @@ def logit_tolerances(min_distances, tight, loose, near):
 def compare_decisions(passes_a, passes_b, tight, loose, near):
     """Two recorded runs (`load`), pass by pass and image by image. Asserts that they saw the same
     images (labels equal) and that every logit agrees to its image's tolerance t
-    (`logit_tolerances`, from run a's distances; `tight`: one number, or one per pass). Then a decision whose top-two margin in run a
-    is at least 2 t is the same in both runs (its top logit stays above the others within t);
-    the others are near-ties, which either run may decide either way.
-    Returns, per pass, (images right in a, right in b, near-ties, near-ties decided differently)."""
+    (`logit_tolerances`, from run a's distances; `tight`: one number, or one per pass). Then a
+    decision whose top-two margin in run a is at least 2 t is the same in both runs (its top
+    logit stays above the others within t); the others are near-ties, which either run may
+    decide either way. Returns, per pass, (images right in a, right in b, near-ties, decisions
+    that differ: near-ties all, by the tolerance check)."""
     assert len(passes_a) == len(passes_b), (len(passes_a), len(passes_b))
     tights = [tight] * len(passes_a) if isinstance(tight, (int, float)) else list(tight)
     out = []
@@ -154,9 +155,9 @@ def assert_same_training(rows_a, rows_b, passes_a, passes_b, label):
     """Two runs of one schedule whose sums are split differently: their metrics.csv rows and
     recorded passes (`load`). The same rows in the same order, the same images in every pass,
     the logits to TIGHT up to the first push, then to DRIFT, and to LOOSE at the words' source
-    patches (`compare_decisions`), every logged accuracy the share of its
-    pass's recorded decisions (under torchrun: the rows of every rank), every loss to
-    `loss_tolerance`. Warns with the number of near-ties not compared; returns it."""
+    patches (`compare_decisions`), every logged accuracy the share of its pass's recorded
+    decisions (under torchrun: the rows of every rank), every loss to `loss_tolerance`. Warns
+    with the number of near-ties not compared; returns it."""
     keys = [(r['epoch'], r['phase'], r['split'], r['iteration']) for r in rows_a]
     assert [(r['epoch'], r['phase'], r['split'], r['iteration']) for r in rows_b] == keys  # no row twice
     assert len(passes_a) == len(passes_b) == len(rows_a)
