@@ -59,6 +59,14 @@ def recording(out):
         torch.save(passes, '%s.rank%s' % (out, os.environ.get('RANK', '0')))
 
 
+def run_main_recorded(main_args, out):
+    """main.py's run of `main_args` in this process, its decisions recorded at `out`; returns
+    the run's summary."""
+    import main as lvw_main
+    with recording(out):
+        return lvw_main.main(main_args)
+
+
 def load(out, processes=1):
     """The passes of a recorded run, each a dict of logits (N, C), labels (N,) and min_distances
     (N, P) in the global order of the images: a pass whose counts were summed over ranks puts

@@ -196,13 +196,6 @@ def assert_trains_as_one(single, name, recorded_single, recorded, processes):
         sorted(map(decisions.without_accuracy, os.listdir(run_path(single))))
 
 
-def run_recorded(run_args, out):
-    """main.py in this process with its decisions recorded at `out`."""
-    import main as lvw_main
-    with decisions.recording(out):
-        lvw_main.main(run_args)
-
-
 @pytest.mark.parametrize('case', list(CASES))
 def test_two_processes_train_what_one_process_trains(tiny_workspace, monkeypatch, tmp_path, case):
     """Same global batches and flips, gradients of the global batch mean, the push's nearest patch
@@ -210,7 +203,7 @@ def test_two_processes_train_what_one_process_trains(tiny_workspace, monkeypatch
     (assert_trains_as_one)."""
     monkeypatch.chdir(tiny_workspace)
     single, name, extra = 'one_' + case, 'two_' + case, CASES[case]
-    run_recorded(lvw_args(single, *extra), str(tmp_path / 'one'))
+    decisions.run_main_recorded(lvw_args(single, *extra), str(tmp_path / 'one'))
     done = torchrun(lvw_args(name, *extra), record=str(tmp_path / 'two'))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_trains_as_one(single, name, str(tmp_path / 'one'), str(tmp_path / 'two'), 2)
@@ -222,7 +215,7 @@ def test_two_nodes_train_what_one_process_trains_and_resume(tiny_workspace, monk
     both killed inside epoch 1, then started again with -resume, they end bit for bit as the
     uninterrupted two-node run."""
     monkeypatch.chdir(tiny_workspace)
-    run_recorded(lvw_args('one_node'), str(tmp_path / 'one'))
+    decisions.run_main_recorded(lvw_args('one_node'), str(tmp_path / 'one'))
     for status, err in torchrun_two_nodes(lvw_args('two_nodes'), record=str(tmp_path / 'two')):
         assert status == 0, err[-3000:]
     assert_trains_as_one('one_node', 'two_nodes', str(tmp_path / 'one'), str(tmp_path / 'two'), 2)

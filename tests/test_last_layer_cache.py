@@ -25,12 +25,6 @@ def rows(run):
         return list(csv.DictReader(f))
 
 
-def run_recorded(run_args, out):
-    """main.py's run with its decisions recorded at `out` (tests/decisions.py); its summary."""
-    with decisions.recording(out):
-        return lvw_main.main(run_args)
-
-
 def assert_same_checkpoints(run_a, run_b):
     """The same checkpoints (names up to their test accuracy), every weight as close as two runs
     whose sums are split differently can be (decisions.assert_close_weights)."""
@@ -50,14 +44,15 @@ def test_cached_passes_equal_the_uncached_ones(tiny_workspace, monkeypatch, tmp_
     bit for bit up to the first push, then decisions equal where they are not near-ties."""
     monkeypatch.chdir(tiny_workspace)
     name = mode.split(',')[0].replace(' ', '_')
-    uncached = run_recorded(args('unc_' + name, *MODES[mode], 'frozen_bn_eval=True'), str(tmp_path / 'unc'))
-    cached = run_recorded(args('cac_' + name, *MODES[mode], 'last_layer_cache=True'), str(tmp_path / 'cac'))
+    record = decisions.run_main_recorded
+    uncached = record(args('unc_' + name, *MODES[mode], 'frozen_bn_eval=True'), str(tmp_path / 'unc'))
+    cached = record(args('cac_' + name, *MODES[mode], 'last_layer_cache=True'), str(tmp_path / 'cac'))
     assert decisions.without_accuracy(cached['final_checkpoint']) == \
         decisions.without_accuracy(uncached['final_checkpoint'])
     assert_same_checkpoints('unc_' + name, 'cac_' + name)
     one, two = rows('unc_' + name), rows('cac_' + name)
-    decisions.assert_same_training(one, two, decisions.load(str(tmp_path / 'unc')), decisions.load(str(tmp_path / 'cac')),
-                                   'cached against uncached, ' + mode)
+    decisions.assert_same_training(one, two, decisions.load(str(tmp_path / 'unc')),
+                                   decisions.load(str(tmp_path / 'cac')), 'cached against uncached, ' + mode)
     first_push = next(i for i, r in enumerate(one) if r['phase'] == 'push')
     assert one[:first_push + 1] == [dict(r, time=q['time']) for r, q in zip(two[:first_push + 1], one)]
 
@@ -114,13 +109,13 @@ def test_resume_without_the_cache_file_builds_it_again(tiny_workspace, monkeypat
     cache from scratch (in other batches than the push's) and ends as the uninterrupted run, as
     far as runs whose sums are split differently can (decisions.py)."""
     monkeypatch.chdir(tiny_workspace)
-    run_recorded(args('rebuild_ref', 'last_layer_cache=True'), str(tmp_path / 'ref'))
+    decisions.run_main_recorded(args('rebuild_ref', 'last_layer_cache=True'), str(tmp_path / 'ref'))
     with monkeypatch.context() as patch:
         fail_at(patch, run_state, 'save_state', 3, after=True)  # passes: warm 0, joint 1, push 1 <- here
         with pytest.raises(Boom):
-            run_recorded(args('rebuild_cut', 'last_layer_cache=True'), str(tmp_path / 'cut'))
+            decisions.run_main_recorded(args('rebuild_cut', 'last_layer_cache=True'), str(tmp_path / 'cut'))
     os.remove(os.path.join(run_path('rebuild_cut'), run_state.CACHE_FILE))
-    run_recorded(args('rebuild_cut', 'last_layer_cache=True', '-resume'), str(tmp_path / 'resumed'))
+    decisions.run_main_recorded(args('rebuild_cut', 'last_layer_cache=True', '-resume'), str(tmp_path / 'resumed'))
     # the interrupted start recorded the passes up to the push, the resumed one the rest
     passes = decisions.load(str(tmp_path / 'cut')) + decisions.load(str(tmp_path / 'resumed'))
     decisions.assert_same_training(rows('rebuild_ref'), rows('rebuild_cut'), decisions.load(str(tmp_path / 'ref')),
