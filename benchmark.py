@@ -76,6 +76,10 @@ METRICS = {
     'image_classes_per_word': ("true classes among a word's top images", '', 'words'),
     'top_locations_on_object': ("share of words' top locations on the object", 'higher', 'words'),
     'part_purity': ('part purity of words (background is a category)', '', 'words'),
+    # the fair rules (README, "The words"): the latent cell a word (or a map's argmax) points at
+    'top_cells_on_object': ("top cells on the object (words: top locations; maps: argmax cell)", 'higher', 'cells'),
+    'top_cells_near_object': ('top cells within the pointing tolerance of the object', 'higher', 'cells'),
+    'distinct_words': ('distinct word vectors (of P)', '', 'cells'),
 }
 FIGURE_METRICS = ('accuracy', 'iou_gradcam', 'pointing_game', 'content_heatmap', 'insertion_auc',
                   'deletion_auc', 'image_classes_per_word', 'top_locations_on_object')

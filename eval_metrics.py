@@ -43,6 +43,11 @@ states its averaging and parameters):
     word models       classes per word from the last layer (W > 0 and >= 0.5 max); part purity of
                       each word's -purity_n top-activating test locations (toy parts); distinct
                       true classes among those locations' images
+    top cells (all)   the fair top-location rules (metrics.json 'cells'): words: each word's -purity_n
+                      most similar test images and the cell where its similarity is attained; maps
+                      without words: per image the cell of the largest footprint mean (the grid of
+                      the settings' backbone); the share whose cell footprint holds object pixels and
+                      whose centre pixel is within tau of the object; word models: distinct words
 A map holding NaN or inf stops the run with an error naming the source and the test image.
 Writes <out>/metrics.json and <out>/metrics.md (default out: <run of the first word or peer model>/metrics/,
 or analysis/<dataset>_metrics/).
@@ -289,6 +294,26 @@ def word_maxima(sim_maps, size, interpolation, max_elements=1 << 24):
     return torch.cat(vals), torch.cat(ys), torch.cat(xs)
 
 
+def word_grid(s):
+    """(Hg, Wg) of the word layer of settings `s` (its backbone at img_size), the grid a map of a
+    model without words (Grad-CAM, a peer) is pooled to for the cell rules."""
+    from model import ResNetFeatures
+    from receptive_field import layer_specs, word_layer_rf_info
+    n = int(word_layer_rf_info(s['img_size'], layer_specs(ResNetFeatures(s['base_architecture'])))[0])
+    return (n, n)
+
+
+def cell_entries(cells, object_mask, grid, tau, params):
+    """The fair top-location metrics of cells (..., 3) = (image, h, w): the share whose footprint
+    holds object pixels, and whose centre is within tau of the object (word_metrics)."""
+    on = wm.cells_on_mask(cells, object_mask, grid).double()
+    near = wm.cells_near_mask(cells, object_mask, grid, tau).double()
+    return {'top_cells_on_object': _entry(float(on.mean()), 'share of the locations whose cell footprint holds '
+                                          'object pixels', params, int(on.numel())),
+            'top_cells_near_object': _entry(float(near.mean()), 'share of the locations whose cell centre is within '
+                                            'tau of the object (pointing game rule)', params, int(near.numel()))}
+
+
 def image_classes_per_word(locations, labels):
     """Distinct true classes among the images of each word's top locations: (P,) long."""
     img = locations[:, :, 0]
@@ -341,6 +366,9 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
                'precision': []} for n in names}
     reference = next((src.name for src in sources if isinstance(src, GradCamSource)), None)
     maxima = {src.name: [] for src in sources if isinstance(src, WordSource)}
+    cell_maxima = {name: [] for name in maxima}  # (values, h, w) of the raw H x W word maps
+    map_cells = {src.name: [] for src in sources if not isinstance(src, WordSource)}
+    grid, word_grids = word_grid(s), {}
     stability = {pair: [] for pair in itertools.combinations(names, 2)}
     keep_images = torch.zeros(len(auc_pos), 3, S, S)
     keep_maps = {n: torch.zeros(len(auc_pos), S, S) for n in names}
@@ -356,11 +384,15 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
             if isinstance(src, WordSource):
                 m, pred, sim = src.batch(xn, y)
                 maxima[src.name].append(word_maxima(sim, S, src.s['eval_map_interpolation']))
+                cell_maxima[src.name].append(tuple(t.cpu() for t in wm.word_argmax_locations(sim)))
+                word_grids[src.name] = tuple(sim.shape[2:])
             else:
                 m, pred = src.batch(xn, y, idx)
             m = m.detach().float()
             refuse_nonfinite_maps(src.name, m, idx, dataset, s['test_dir'])
             maps[src.name] = m
+            if not isinstance(src, WordSource):
+                map_cells[src.name].append(wm.map_top_cells(m, grid) + torch.tensor([start, 0, 0]))
             r = per[src.name]
             r['pg'].append(im.pointing_game_hits(m, obj, tau).double().cpu())
             r['spg'].append(spg_per_image(m, obj, tau, spg_samples, seed, idx))
@@ -456,9 +488,23 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
             log('insertion/deletion %s: %.4f / %.4f (%.0fs so far)' % (src.name, v_ins, v_del, time.time() - t1))
     timing['insertion_deletion'] = round(time.time() - t1, 1)
 
+    obj = gt['object']
+    cell_params = {'grid': list(grid), 'S': S, 'tau_px': round(tau, 4)}
+    for name, cells in map_cells.items():
+        cells = torch.cat(cells)
+        results[name]['cells'] = cell_entries(cells, obj, grid, tau, dict(
+            cell_params, locations='one per test image: the cell of the map\'s largest footprint mean'))
     for src in sources:
         if not isinstance(src, WordSource):
             continue
+        v, hs, ws = (torch.cat(t) for t in zip(*cell_maxima[src.name]))
+        cells = wm.top_locations_from_maxima(v, hs, ws, purity_n)
+        results[src.name]['cells'] = cell_entries(cells, obj, word_grids[src.name], tau, dict(
+            cell_params, grid=list(word_grids[src.name]),
+            locations='%d top test images per word by its similarity, the cell where it is attained' % cells.shape[1]))
+        results[src.name]['cells']['distinct_words'] = _entry(
+            wm.distinct_words(src.model.prototype_vectors), 'distinct word vectors (equal rows counted once)',
+            {'words': int(src.weight.shape[1])}, int(src.weight.shape[1]))
         counts, mean = wm.classes_per_word(src.weight)
         words = {'classes_per_word': _entry(mean, 'mean over %d words' % len(counts),
                                             {'rule': 'W[c,p] > 0 and >= 0.5 max_c W[c,p]'}, len(counts),
@@ -547,6 +593,11 @@ def to_markdown(res):
     row('true classes among a word\'s top images', words('image_classes_per_word'))
     row('share of words\' top locations on the object', words('top_locations_on_object'), 'higher')
     row('part purity of words (toy; background is a category)', words('part_purity'))
+    cells = lambda key: (lambda src: src.get('cells', {}).get(key, {}).get('value'))
+    row('top cells on the object (words: their top locations; maps: the argmax cell)', cells('top_cells_on_object'),
+        'higher')
+    row('top cells within the pointing tolerance of the object', cells('top_cells_near_object'), 'higher')
+    row('distinct word vectors', cells('distinct_words'))
     md = [title, '', '\n'.join(rows), '']
     if 'object_area_percent' in res:
         md += ['Reference: the object covers %.2f%% of an image on average (image mean), the content heatmap of a '

@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import Dict, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
-from interp_metrics import _first_argmax_flat, image_mean
+from interp_metrics import _first_argmax_flat, image_mean, points_hit_mask
 
 __all__ = ["word_argmax_locations", "top_locations_from_maxima", "top_locations", "part_purity",
-           "classes_per_word"]
+           "classes_per_word", "cell_box", "cell_centre", "cells_on_mask", "cells_near_mask",
+           "map_top_cells", "distinct_words"]
 
 
 # ---------------------------------------------------------------------------
@@ -164,3 +166,72 @@ def classes_per_word(weight: torch.Tensor, rel: float = 0.5) -> Tuple[torch.Tens
     counts = use.sum(dim=0).long()
     mean = float(counts.double().mean().item()) if counts.numel() else float("nan")
     return counts, mean
+
+
+# ---- 3. fair top locations: at the latent cell, within the pointing tolerance -------------------
+# The exact-pixel rule above scores the argmax of a bicubic-upsampled H x W map: bicubic overshoots,
+# and at a 4 x 4 grid most single-cell peaks land on pixels that no object can cover. These rules
+# score the cell the model itself reads (the argmax of the raw map, i.e. where d_min is attained).
+
+def cell_box(h: int, w: int, grid: Tuple[int, int], size: int) -> Tuple[int, int, int, int]:
+    """Pixel footprint ``[y0, y1) x [x0, x1)`` of latent cell ``(h, w)`` of an ``Hg x Wg`` grid laid
+    over a ``size x size`` image: ``y0 = floor(h S / Hg)``, ``y1 = floor((h + 1) S / Hg)`` (x alike);
+    the footprints tile the image."""
+    Hg, Wg = grid
+    return (h * size // Hg, (h + 1) * size // Hg, w * size // Wg, (w + 1) * size // Wg)
+
+
+def cell_centre(h: torch.Tensor, w: torch.Tensor, grid: Tuple[int, int],
+                size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pixel that holds the centre of the cells' footprints: ``y = floor((h + 1/2) S / Hg)``
+    (pixel y spans [y, y + 1); x alike). h, w: long tensors of any shape."""
+    Hg, Wg = grid
+    ys = torch.div((2 * h.long() + 1) * size, 2 * Hg, rounding_mode='floor').clamp(0, size - 1)
+    xs = torch.div((2 * w.long() + 1) * size, 2 * Wg, rounding_mode='floor').clamp(0, size - 1)
+    return ys, xs
+
+
+def cells_on_mask(cells: torch.Tensor, masks: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Whether each cell's footprint (:func:`cell_box`) holds a pixel of its image's mask.
+
+    Args:
+        cells: ``(..., 3)`` long ``(image, h, w)``.
+        masks: ``(N, S, S)`` bool.
+        grid: ``(Hg, Wg)``.
+    Returns:
+        bool tensor of shape ``cells.shape[:-1]``.
+    """
+    S = masks.shape[-1]
+    flat = cells.reshape(-1, 3).long().cpu()
+    m = masks.cpu() != 0
+    out = torch.tensor([bool(m[i, y0:y1, x0:x1].any()) for i, y0, y1, x0, x1 in
+                        ((int(i), *cell_box(int(h), int(w), grid, S)) for i, h, w in flat)], dtype=torch.bool)
+    return out.reshape(cells.shape[:-1])
+
+
+def cells_near_mask(cells: torch.Tensor, masks: torch.Tensor, grid: Tuple[int, int], tau: float) -> torch.Tensor:
+    """Whether each cell's centre pixel (:func:`cell_centre`) lies within ``tau`` of its image's mask
+    (the pointing game's rule, interp_metrics.points_hit_mask: some mask pixel at distance < tau).
+    cells ``(..., 3)`` long ``(image, h, w)``; masks ``(N, S, S)``. Returns bool of ``cells.shape[:-1]``."""
+    flat = cells.reshape(-1, 3).long().cpu()
+    ys, xs = cell_centre(flat[:, 1], flat[:, 2], grid, masks.shape[-1])
+    hits = points_hit_mask(masks.cpu()[flat[:, 0]], ys[:, None], xs[:, None], tau)[:, 0]
+    return hits.reshape(cells.shape[:-1])
+
+
+def map_top_cells(maps: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """The latent cell a full-resolution map points at: the argmax (first in row-major order) of
+    the map averaged over each cell's footprint (adaptive average pooling to the grid), so that a
+    map at image resolution (Grad-CAM, a peer's) is scored by the same cell rule as a word.
+    maps ``(N, S, S)`` -> ``(N, 3)`` long ``(image, h, w)`` with image = 0..N-1."""
+    pooled = F.adaptive_avg_pool2d(maps.detach().float()[:, None], grid)[:, 0]  # (N, Hg, Wg)
+    N = maps.shape[0]
+    idx = _first_argmax_flat(pooled.reshape(N, -1))
+    return torch.stack([torch.arange(N), idx.cpu() // grid[1], idx.cpu() % grid[1]], dim=1).long()
+
+
+def distinct_words(prototype_vectors: torch.Tensor) -> int:
+    """Number of distinct word vectors (exact equality of the P rows of ``(P, D[, 1, 1])``): after a
+    push, words on the same patch are equal, so ``P - distinct`` words are duplicates, which a
+    classes-per-word count would otherwise read as sharing."""
+    return int(torch.unique(prototype_vectors.detach().reshape(prototype_vectors.shape[0], -1).cpu(), dim=0).shape[0])

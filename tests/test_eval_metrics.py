@@ -130,6 +130,19 @@ def test_metrics_equal_direct_interp_metrics_calls(setup, tmp_path):
     assert 1 <= lvw['words']['image_classes_per_word']['value'] <= 3
     assert res['sources']['lvw']['metrics']['pointing_game']['value'] == lvw['metrics']['pointing_game']['value']
 
+    # the fair rules: each word's top cells (raw maps), and the Grad-CAM map's argmax cell per image
+    grid = tuple(lvw_out.similarity_maps.shape[2:])
+    cells = wm.top_locations(lvw_out.similarity_maps, 3)
+    assert lvw['cells']['top_cells_on_object']['value'] == pytest.approx(
+        float(wm.cells_on_mask(cells, obj, grid).double().mean()), abs=1e-12)
+    assert lvw['cells']['top_cells_near_object']['value'] == pytest.approx(
+        float(wm.cells_near_mask(cells, obj, grid, tau).double().mean()), abs=1e-12)
+    assert lvw['cells']['distinct_words']['value'] == wm.distinct_words(lvw_model.prototype_vectors)
+    g_cells = wm.map_top_cells(gradcam_maps, grid)
+    assert saved['sources']['gradcam']['cells']['top_cells_on_object']['value'] == pytest.approx(
+        float(wm.cells_on_mask(g_cells, obj, grid).double().mean()), abs=1e-12)
+    assert saved['sources']['gradcam']['cells']['top_cells_on_object']['n'] == 9
+
 
 def test_gradcam_computed_from_the_base_model(setup, tmp_path):
     res = em.main(['-base', setup['base'], '-out', str(tmp_path), '-auc_images', '0', '-max_images', '5',
