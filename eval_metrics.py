@@ -368,7 +368,8 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
     maxima = {src.name: [] for src in sources if isinstance(src, WordSource)}
     cell_maxima = {name: [] for name in maxima}  # (values, h, w) of the raw H x W word maps
     map_cells = {src.name: [] for src in sources if not isinstance(src, WordSource)}
-    grid, word_grids = word_grid(s), {}
+    grid = word_grid(s) if map_cells else None  # word sources take theirs from their maps
+    word_grids = {}
     stability = {pair: [] for pair in itertools.combinations(names, 2)}
     keep_images = torch.zeros(len(auc_pos), 3, S, S)
     keep_maps = {n: torch.zeros(len(auc_pos), S, S) for n in names}
@@ -489,11 +490,11 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
     timing['insertion_deletion'] = round(time.time() - t1, 1)
 
     obj = gt['object']
-    cell_params = {'grid': list(grid), 'S': S, 'tau_px': round(tau, 4)}
+    cell_params = {'S': S, 'tau_px': round(tau, 4)}
     for name, cells in map_cells.items():
         cells = torch.cat(cells)
         results[name]['cells'] = cell_entries(cells, obj, grid, tau, dict(
-            cell_params, locations='one per test image: the cell of the map\'s largest footprint mean'))
+            cell_params, grid=list(grid), locations='one per test image: the cell of the map\'s largest footprint mean'))
     for src in sources:
         if not isinstance(src, WordSource):
             continue

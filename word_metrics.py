@@ -221,7 +221,8 @@ def cells_near_mask(cells: torch.Tensor, masks: torch.Tensor, grid: Tuple[int, i
 
 def map_top_cells(maps: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """The latent cell a full-resolution map points at: the argmax (first in row-major order) of
-    the map averaged over each cell's footprint (adaptive average pooling to the grid), so that a
+    the map averaged per cell by adaptive average pooling to the grid (its windows are the
+    :func:`cell_box` footprints when Hg divides S; otherwise they overlap by a pixel), so that a
     map at image resolution (Grad-CAM, a peer's) is scored by the same cell rule as a word.
     maps ``(N, S, S)`` -> ``(N, 3)`` long ``(image, h, w)`` with image = 0..N-1."""
     pooled = F.adaptive_avg_pool2d(maps.detach().float()[:, None], grid)[:, 0]  # (N, Hg, Wg)
