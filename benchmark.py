@@ -58,6 +58,8 @@ WORD_METHODS = {
     'lvw_joint': ('LVW, joint flip', ['attention_flip="joint"']),
     'lvw_no_attention': ('LVW, attention_weight=0', ['attention_weight=0']),
     'protopnet': ('ProtoPNet mode', ['class_specific=True', 'attention_weight=0']),
+    # settings.variants['shared'] over the reference flip: it differs from lvw_double by the variant only
+    'lvw_shared': ('LVW, shared', ['attention_flip="double"', 'lvw_variant="shared"']),
 }
 LABELS = {'base': 'base Grad-CAM', **{m: label for m, (label, _) in WORD_METHODS.items()},
           **{m: peers.LABELS[m] for m in peers.METHODS}}

@@ -133,7 +133,6 @@ def load_weights(model, ckpt, path):
 def checkpoint_settings(ckpt, overrides=None):
     """The run's settings from a checkpoint; names added to settings.py since then take their defaults."""
     base = default_settings()
-    base.pop('presets')
     merged = {**base, **ckpt['settings'], **(overrides or {})}
     return finish_settings(merged)
 

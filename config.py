@@ -43,10 +43,15 @@ def one_line(message):
 
 # ---- settings ----------------------------------------------------------------------------------
 
+TABLES = ('presets', 'variants')  # settings.py's tables of values, not settings themselves
+
+
 def default_settings():
-    """The plain-data names of settings.py (everything public that is not a module or function)."""
+    """The plain-data names of settings.py (everything public that is not a module, a function or
+    one of the TABLES)."""
     return {name: value for name, value in vars(settings_module).items()
-            if not name.startswith('_') and not isinstance(value, (types.ModuleType, types.FunctionType))}
+            if not name.startswith('_') and name not in TABLES
+            and not isinstance(value, (types.ModuleType, types.FunctionType))}
 
 
 def parse_override(item, known):
@@ -56,7 +61,7 @@ def parse_override(item, known):
         raise UserError("-set expects NAME=VALUE, got %r" % item)
     name, text = item.split('=', 1)
     name = name.strip()
-    if name not in known or name == 'presets':
+    if name not in known:
         raise UserError('-set: unknown settings name %r (see settings.py)' % name)
     try:
         value = ast.literal_eval(text)
@@ -102,7 +107,7 @@ def parse_overrides(items, current):
 def resolve_settings(dataset=None, overrides=()):
     """Resolved settings as a plain dict (JSON-friendly: tuples become lists only when saved)."""
     base = default_settings()
-    presets = base.pop('presets')
+    presets, variants = settings_module.presets, settings_module.variants
     dataset = dataset or base['dataset']
     if dataset not in presets:
         raise UserError('unknown dataset %r (presets: %s)' % (dataset, ', '.join(sorted(presets))))
@@ -112,7 +117,16 @@ def resolve_settings(dataset=None, overrides=()):
         if name not in base:
             raise UserError('settings.presets[%r] sets unknown name %r' % (dataset, name))
         resolved[name] = value
-    resolved.update(parse_overrides(overrides, resolved))
+    given = parse_overrides(overrides, resolved)
+    # the method variant's values go between the dataset's and the command line's
+    variant = given.get('lvw_variant', resolved['lvw_variant'])
+    if variant not in variants:
+        raise UserError('setting lvw_variant must be one of %s, got %r' % (', '.join(map(repr, variants)), variant))
+    for name, value in variants[variant].items():
+        if name not in base:
+            raise UserError('settings.variants[%r] sets unknown name %r' % (variant, name))
+        resolved[name] = value
+    resolved.update(given)
     return finish_settings(resolved)
 
 

@@ -174,7 +174,8 @@ def train(run, s, folder, device, log=print, state=None):
             reuse = s['last_layer_cache'] and next_is_last
             found = push.push_prototypes(net, run.push_loader, device, s['class_specific'], epoch=epoch,
                                          folder=img_dir, rf_info=run.rf_info, img_size=s['img_size'], log=log,
-                                         keep_features=reuse and run.push_is_train, amp=s['amp'])
+                                         keep_features=reuse and run.push_is_train, amp=s['amp'],
+                                         unique=s['push_unique'], exclude_border=s['push_exclude_border'])
             collected = {} if reuse else None
             final = save('push', epoch, test(epoch, 'push', collect=collected))
             if reuse:

@@ -161,9 +161,20 @@ class LVWOutput(NamedTuple):
     similarity_maps: torch.Tensor  # (B, P, H, W)
 
 
+def initial_last_layer(class_identity, kind='classwise', incorrect_class_connection=-0.5):
+    """The starting last-layer weight W (C, P) from the word-to-class identity I (P, C).
+    'classwise' (the reference): W = I^T + incorrect_class_connection * (1 - I^T), each word tied
+    to its own class; 'zero': W = 0, no word tied to any class before training (setting
+    last_layer_init, for words shared across classes)."""
+    if kind == 'zero':
+        return torch.zeros_like(class_identity.t())
+    positive = class_identity.t()
+    return positive + incorrect_class_connection * (1 - positive)
+
+
 class LVWNet(nn.Module):
     def __init__(self, features, prototype_shape, num_classes, activation='log', add_on_type='regular',
-                 incorrect_class_connection=-0.5, epsilon=1e-4):
+                 incorrect_class_connection=-0.5, epsilon=1e-4, last_layer_init='classwise'):
         super().__init__()
         num_words, depth = prototype_shape[0], prototype_shape[1]
         self.num_classes = num_classes
@@ -180,15 +191,15 @@ class LVWNet(nn.Module):
         word_class = (torch.arange(num_words) // (num_words // num_classes)).clamp(max=num_classes - 1)
         identity[torch.arange(num_words), word_class] = 1
         self.register_buffer('prototype_class_identity', identity, persistent=False)
-        self._initialize_weights(incorrect_class_connection)
+        self._initialize_weights(incorrect_class_connection, last_layer_init)
 
-    def _initialize_weights(self, incorrect_class_connection):
+    def _initialize_weights(self, incorrect_class_connection, last_layer_init='classwise'):
         for m in self.add_on_layers.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
                 nn.init.zeros_(m.bias)
-        positive = self.prototype_class_identity.t()
-        self.last_layer.weight.data.copy_(positive + incorrect_class_connection * (1 - positive))
+        self.last_layer.weight.data.copy_(initial_last_layer(self.prototype_class_identity, last_layer_init,
+                                                             incorrect_class_connection))
 
     def similarity(self, d):
         if self.activation == 'log':
@@ -237,4 +248,5 @@ def build_model(s, weights=None, log=print):
     features = ResNetFeatures(s['base_architecture'])
     load_start_weights(features, s['base_architecture'], s['pretrained'], weights, 'backbone', log)
     return LVWNet(features, s['prototype_shape'], s['num_classes'], s['prototype_activation_function'],
-                  s['add_on_layers_type'], s['incorrect_class_connection'], s['epsilon'])
+                  s['add_on_layers_type'], s['incorrect_class_connection'], s['epsilon'],
+                  s.get('last_layer_init', 'classwise'))

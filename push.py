@@ -4,6 +4,8 @@ One pass over the un-augmented training images, vectorised over batch x position
 for word p, the candidate is argmin over (image, h, w) of d[image, p, h, w] (LVW: any image;
 ProtoPNet: images of p's class only). A batch's best replaces the running best only if strictly
 smaller, so ties keep the first patch in loader order. All words are replaced at once at the end.
+Two settings change the search (defaults off, the reference): push_unique gives every word its
+own patch (greedy by distance), push_exclude_border leaves out the grid's outer ring of cells.
 
 The pictures and box arrays are written once after the pass (under <run>/img/epoch-E/):
     prototype-img-original{p}.png            the source image
@@ -29,16 +31,23 @@ from receptive_field import rf_box
 from train_and_test import amp_context
 
 
-def nearest_patches(model, loader, device, class_specific, keep_features=False, amp=None):
+def nearest_patches(model, loader, device, class_specific, keep_features=False, amp=None, unique=False,
+                    exclude_border=False):
     """The push search. Returns a dict of per-word tensors (CPU):
     distance (P,), patch (P, D), image (P,) global index or -1, h, w (P,), label (P,),
     similarity_map (P, H, W) of the source image; with `keep_features` also 'features', the
     add-on output z of every image scanned (N, D, H, W), and 'feature_indices', their dataset
     indices (all images in order; under torchrun this rank's): z does not depend on the words, so
-    the last-layer cache computes the pushed words' distances from it without another pass."""
+    the last-layer cache computes the pushed words' distances from it without another pass.
+
+    Candidates are ranked per word by (distance, image index, h * W + w). `unique` (setting
+    push_unique): each word keeps its P best candidates, then unique_assignment gives every word
+    its own patch. `exclude_border` (setting push_exclude_border): the cells on the grid's border
+    are no candidates (check_border_grid says when none is left)."""
     net = model.module if hasattr(model, 'module') else model
     net.eval()
     P = net.prototype_vectors.shape[0]
+    keep = P if unique else 1  # with P candidates each word finds one that the other P - 1 left free
     word_class = net.prototype_class_identity.argmax(dim=1)
     best = None
     offset = 0
@@ -61,48 +70,111 @@ def nearest_patches(model, loader, device, class_specific, keep_features=False, 
                 feature_indices.append(indices)
             B, _, H, W = d.shape
             if best is None:
-                best = {'distance': torch.full((P,), float('inf'), device=device),
-                        'patch': torch.zeros(P, z.shape[1], device=device),
-                        'image': torch.full((P,), -1, dtype=torch.long, device=device),
-                        'h': torch.zeros(P, dtype=torch.long, device=device),
-                        'w': torch.zeros(P, dtype=torch.long, device=device),
-                        'label': torch.full((P,), -1, dtype=torch.long, device=device),
-                        'similarity_map': torch.zeros(P, H, W, device=device)}
+                if exclude_border:
+                    check_border_grid(H, W)
+                best = empty_candidates(P, keep, z.shape[1], H, W, device)
             search = d
             if class_specific:
                 own = labels[:, None] == word_class[None, :]   # (B, P)
-                search = d.masked_fill(~own[:, :, None, None], float('inf'))
-            values, flat = search.transpose(0, 1).reshape(P, -1).min(dim=1)  # (P,), index into (B, H, W)
-            better = values < best['distance']
-            if better.any():
-                words = better.nonzero().squeeze(1)
-                b, hw = flat[words] // (H * W), flat[words] % (H * W)
-                h, w = hw // W, hw % W
-                best['distance'][words] = values[words]
-                best['patch'][words] = z[b, :, h, w]
-                best['image'][words] = indices.to(device)[b]
-                best['h'][words], best['w'][words] = h, w
-                best['label'][words] = labels[b]
-                best['similarity_map'][words] = net.similarity(d[b, words])
+                search = search.masked_fill(~own[:, :, None, None], float('inf'))
+            if exclude_border:
+                search = search.masked_fill(border_cells(H, W, device), float('inf'))
+            # stable: equal distances keep (b, h, w) order, the loader's order
+            values, flat = search.transpose(0, 1).reshape(P, -1).sort(dim=1, stable=True)
+            values, flat = values[:, :keep], flat[:, :keep]     # (P, k), index into (B, H, W)
+            b, hw = flat // (H * W), flat % (H * W)
+            words = torch.arange(P, device=device)[:, None].expand_as(b)
+            batch = {'distance': values, 'patch': z[b, :, hw // W, hw % W],
+                     'image': indices.to(device)[b], 'h': hw // W, 'w': hw % W, 'label': labels[b],
+                     'similarity_map': net.similarity(d[b, words])}
+            best = best_candidates(best, batch, keep)
             offset += B
     if slices is not None:
         best = nearest_across_ranks(best)
-    found = {k: v.cpu() for k, v in best.items()}
+    chosen = unique_assignment(best) if unique else torch.zeros(P, dtype=torch.long, device=device)
+    rows = torch.arange(P, device=chosen.device)
+    found = {k: v[rows, chosen].cpu() for k, v in best.items()}
     if keep_features:
         found['features'], found['feature_indices'] = torch.cat(features), torch.cat(feature_indices).tolist()
     return found
 
 
+def empty_candidates(P, k, D, H, W, device):
+    """No candidate yet for any of the P words: k slots each, at distance inf, image -1."""
+    return {'distance': torch.full((P, k), float('inf'), device=device),
+            'patch': torch.zeros(P, k, D, device=device),
+            'image': torch.full((P, k), -1, dtype=torch.long, device=device),
+            'h': torch.zeros(P, k, dtype=torch.long, device=device),
+            'w': torch.zeros(P, k, dtype=torch.long, device=device),
+            'label': torch.full((P, k), -1, dtype=torch.long, device=device),
+            'similarity_map': torch.zeros(P, k, H, W, device=device)}
+
+
+def best_candidates(kept, new, k):
+    """The k best of two candidate sets (dicts of (P, k, ...) tensors, each word's row sorted),
+    `kept` from earlier images, `new` from later ones: per word ascending distance, a tie going to
+    `kept` (the stable sort), i.e. to the earlier image, as a strict '<' replacement would."""
+    both = {name: torch.cat([kept[name], new[name]], dim=1) for name in kept}
+    order = both['distance'].sort(dim=1, stable=True).indices[:, :k]
+    return {name: take_rows(value, order) for name, value in both.items()}
+
+
+def take_rows(value, order):
+    """value (P, n, ...) reordered per row by order (P, k): out[p, j] = value[p, order[p, j]]."""
+    return value[torch.arange(value.shape[0], device=value.device)[:, None], order]
+
+
+def border_cells(H, W, device=None):
+    """(H, W) bool, True on the cells of the grid's outer ring: h in {0, H-1} or w in {0, W-1}."""
+    ring = torch.ones(H, W, dtype=torch.bool, device=device)
+    ring[1:H - 1, 1:W - 1] = False
+    return ring
+
+
+def check_border_grid(H, W):
+    if H < 3 or W < 3:
+        raise distributed.UserError('setting push_exclude_border needs a word grid of at least 3 x 3 cells '
+                                    '(it leaves the inner ones), got %d x %d' % (H, W))
+
+
+def unique_assignment(candidates):
+    """Every word its own patch, greedily by distance: over all (word, candidate) pairs in order
+    of (distance, word, candidate rank), a word takes the candidate if it has none yet and no
+    other word took that patch (image, h, w). candidates: dict of (P, k) tensors, each row sorted
+    (best_candidates). Returns (P,) long, the chosen candidate rank of each word; a word left
+    without a free real candidate (only possible with fewer than P patches) keeps rank 0.
+    Without duplicates among the candidates, the result is each word's best candidate."""
+    distance = candidates['distance'].cpu()
+    P, k = distance.shape
+    patch_ids = [tuple(v) for v in torch.stack([candidates['image'], candidates['h'], candidates['w']],
+                                                dim=2).cpu().reshape(-1, 3).tolist()]
+    order = torch.from_numpy(np.lexsort((np.tile(np.arange(k), P), np.repeat(np.arange(P), k),
+                                         distance.reshape(-1).numpy())))
+    chosen = torch.full((P,), -1, dtype=torch.long)
+    taken = set()
+    for flat in order.tolist():
+        word, rank = divmod(flat, k)
+        if chosen[word] >= 0 or patch_ids[flat] in taken or patch_ids[flat][0] < 0:
+            continue
+        chosen[word] = rank
+        taken.add(patch_ids[flat])
+    return chosen.clamp(min=0).to(candidates['distance'].device)
+
+
 def nearest_across_ranks(best):
-    """Each rank's search result (nearest_patches) -> the global one on every rank: per word the
-    smallest distance, ties to the smallest image index, as the first in a single process's order."""
-    stacked = {k: distributed.all_gather_stack(v) for k, v in best.items()}  # (ranks, P, ...)
-    distance, image = stacked['distance'], stacked['image']
+    """Each rank's candidates (nearest_patches, (P, k, ...)) -> the global k best on every rank:
+    per word ascending distance, ties to the smaller image index, then the earlier cell, as the
+    order of a single process."""
+    stacked = {k: distributed.all_gather_stack(v) for k, v in best.items()}  # (ranks, P, k, ...)
+    ranks, P, k = stacked['distance'].shape
+    merged = {name: v.transpose(0, 1).reshape(P, ranks * k, *v.shape[3:]) for name, v in stacked.items()}
     no_image = torch.iinfo(torch.long).max
-    key = torch.where((distance == distance.min(dim=0).values) & (image >= 0), image, no_image)
-    winner = key.argmin(dim=0)
-    words = torch.arange(distance.shape[1], device=distance.device)
-    return {k: v[winner, words] for k, v in stacked.items()}
+    image = torch.where(merged['image'] >= 0, merged['image'], no_image)
+    cell = merged['h'] * merged['similarity_map'].shape[-1] + merged['w']
+    order = cell.sort(dim=1, stable=True).indices                     # last key first, then stable sorts
+    order = take_rows(order, take_rows(image, order).sort(dim=1, stable=True).indices)
+    order = take_rows(order, take_rows(merged['distance'], order).sort(dim=1, stable=True).indices)
+    return {name: take_rows(value, order[:, :k]) for name, value in merged.items()}
 
 
 def high_activation_boxes(maps, img_size, percentile=95, chunk=64):
@@ -164,12 +236,12 @@ def write_push_artefacts(found, dataset, folder, epoch, rf_info, img_size):
 
 
 def push_prototypes(model, loader, device, class_specific, epoch=None, folder=None, rf_info=None,
-                    img_size=None, log=print, keep_features=False, amp=None):
-    """Project every word onto its nearest training patch; write the artefacts if `folder` is given.
-    Returns the search result (see nearest_patches)."""
+                    img_size=None, log=print, keep_features=False, amp=None, unique=False, exclude_border=False):
+    """Project every word onto its nearest training patch (`unique`, `exclude_border`: see
+    nearest_patches); write the artefacts if `folder` is given. Returns the search result."""
     start = time.time()
     net = model.module if hasattr(model, 'module') else model
-    found = nearest_patches(net, loader, device, class_specific, keep_features, amp)
+    found = nearest_patches(net, loader, device, class_specific, keep_features, amp, unique, exclude_border)
     ok = found['image'] >= 0
     with torch.no_grad():
         vectors = net.prototype_vectors.data.view(net.prototype_vectors.shape[0], -1)

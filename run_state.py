@@ -144,7 +144,7 @@ def check_same_run(saved, current, folder, ignore=('num_workers', 'image_check')
     """-resume continues a run only with the settings it started with (except `ignore`): one line
     naming the first few that differ. Names added to settings.py since the run started count as
     their defaults there."""
-    defaults = {n: v for n, v in config.default_settings().items() if n not in saved and n != 'presets'}
+    defaults = {n: v for n, v in config.default_settings().items() if n not in saved}
     saved, current = config.to_jsonable({**defaults, **saved}), config.to_jsonable(current)
     names = sorted(n for n in set(saved) | set(current) if n not in ignore and saved.get(n) != current.get(n))
     if names:

@@ -45,6 +45,15 @@ attention_weight = 10          # weight of the attention-alignment MSE (0 turns 
 topk = 10                      # words whose maps make the model's attention map
 class_specific = False         # False: LVW (shared words); True: ProtoPNet costs, L1 mask and push
 
+# ---- words shared across classes (README, "The words"); the defaults are the reference's ------
+lvw_variant = 'reference'      # 'reference' | 'shared': applies variants[lvw_variant] below (before -set items)
+last_layer_init = 'classwise'  # 'classwise': +1 own class, incorrect_class_connection elsewhere; 'zero': W = 0
+last_layer_joint = False       # True: the warm and joint phases also train W (at last_layer_optimizer_lr)
+push_unique = False            # True: every word pushed onto its own patch (greedy by distance)
+push_exclude_border = False    # True: the grid's outer ring of cells is left out of the push search
+diversity_coef = 0             # > 0 adds coef * mean_{i<j} relu(cos(p_i, p_j) - diversity_margin)^2
+diversity_margin = 0.5
+
 # ---- schedule ---------------------------------------------------------------------------------
 num_train_epochs = 201
 num_warm_epochs = 10
@@ -118,6 +127,14 @@ lfi_milestones = [150, 225]
 lfi_gamma = 0.1
 lfi_epochs = 300
 lfi_batch_size = 256
+
+# ---- method variants, applied over the dataset's values (setting lvw_variant) ----------------
+variants = {
+    'reference': {},  # LVW as the reference code trains it
+    # words free to serve any class and each on its own patch (README, "The words")
+    'shared': {'last_layer_init': 'zero', 'last_layer_joint': True, 'push_unique': True,
+               'push_exclude_border': True},
+}
 
 # ---- per-dataset values, applied over the ones above ------------------------------------------
 presets = {

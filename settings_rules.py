@@ -53,6 +53,14 @@ RULES = {
     'attention_weight': _number(0),
     'topk': _int(1),  # at most the number of words: finish_settings
     'class_specific': _bool,
+    # words shared across classes
+    'lvw_variant': _choice('reference', 'shared'),  # settings.variants
+    'last_layer_init': _choice('classwise', 'zero'),
+    'last_layer_joint': _bool,
+    'push_unique': _bool,
+    'push_exclude_border': _bool,
+    'diversity_coef': _number(0),
+    'diversity_margin': _number(-1, 1),
     # schedule
     'num_train_epochs': _int(1),
     'num_warm_epochs': _int(0),

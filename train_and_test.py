@@ -10,6 +10,7 @@ with, for min distances d_min (B, P), labels y, class identity I (P, C) and last
               Separation = mean_i (D - max_{p not of class y_i} (D - d_min[i, p]))
               L1 = sum |W * (1 - I^T)|                               (D = max_dist)
     Attn = mean over pixels of (A_i - G_i)^2, A_i the normalised top-k word map, G_i the Grad-CAM map.
+Setting diversity_coef > 0 adds diversity_coef * Diversity (word_diversity, off by default).
 """
 import contextlib
 import copy
@@ -50,6 +51,18 @@ def l1_penalty(weight, class_identity, class_specific):
     if class_specific:
         return (weight * (1 - class_identity.t())).abs().sum()
     return weight.abs().sum()
+
+
+def word_diversity(prototypes, margin):
+    """Penalty on words that point the same way (in the spirit of TesNet's and ProtoPool's
+    diversity terms): mean over the P (P - 1) / 2 pairs i < j of relu(cos(p_i, p_j) - margin)^2,
+    with cos(a, b) = a.b / max(|a| |b|, 1e-8). prototypes (P, D[, 1, 1]) -> scalar; 0 when no two
+    words are closer than the margin in angle."""
+    p = prototypes.reshape(prototypes.shape[0], -1)
+    norms = p.norm(dim=1)
+    cosine = (p @ p.t()) / (norms[:, None] * norms[None, :]).clamp(min=1e-8)
+    i, j = torch.triu_indices(p.shape[0], p.shape[0], offset=1, device=p.device)
+    return F.relu(cosine[i, j] - margin).pow(2).mean()
 
 
 def word_attention_map(similarity_maps, min_distances, k, size, interpolation='bilinear', normalisation='max'):
@@ -112,7 +125,8 @@ def last_only(model):
 
 
 def make_optimizers(model, s):
-    """Warm, joint (with its StepLR) and last-layer Adam optimisers, as the reference builds them."""
+    """Warm, joint (with its StepLR) and last-layer Adam optimisers, as the reference builds them;
+    with setting last_layer_joint the warm and joint ones also train the last layer."""
     lrs, wd = s['joint_optimizer_lrs'], s['weight_decay']
     joint_opt = torch.optim.Adam([
         {'params': model.features.parameters(), 'lr': lrs['features'], 'weight_decay': wd},
@@ -125,6 +139,9 @@ def make_optimizers(model, s):
         {'params': model.add_on_layers.parameters(), 'lr': warm['add_on_layers'], 'weight_decay': wd},
         {'params': [model.prototype_vectors], 'lr': warm['prototype_vectors']},
     ])
+    if s.get('last_layer_joint'):  # W learns with the words (ProtoPool); the joint group decays with StepLR
+        for opt in (warm_opt, joint_opt):
+            opt.add_param_group({'params': model.last_layer.parameters(), 'lr': s['last_layer_optimizer_lr']})
     last_opt = torch.optim.Adam([{'params': model.last_layer.parameters(), 'lr': s['last_layer_optimizer_lr']}])
     return warm_opt, joint_opt, scheduler, last_opt
 
@@ -182,6 +199,9 @@ def combine_losses(logits, min_distances, labels, attention, net, s, use_attenti
     if s['class_specific']:
         terms['separation'] = separation_cost(min_distances, labels, identity, net.max_dist)
         total = total + coefs['sep'] * terms['separation']
+    if s.get('diversity_coef'):
+        terms['diversity'] = word_diversity(net.prototype_vectors, s['diversity_margin'])
+        total = total + s['diversity_coef'] * terms['diversity']
     if attention is not None:
         terms['attention'] = attention
         if use_attention and s['attention_weight']:
@@ -397,5 +417,7 @@ def format_metrics(m):
         parts.append('separation %.4f' % m['separation'])
     if 'attention' in m:
         parts.append('attn %.4f' % m['attention'])
+    if 'diversity' in m:
+        parts.append('diversity %.4f' % m['diversity'])
     parts += ['acc %.2f%%' % (100 * m['accuracy']), 'l1 %.2f' % m['l1'], 'p dist pair %.4f' % m['p_dist_pair']]
     return ' | '.join(parts)

@@ -170,7 +170,9 @@ def test_single_process_scripts_refuse_torchrun(monkeypatch, script):
 CASES = {'plain': [], 'cached': ['last_layer_cache=True'],
          # 18 training and 9 test images: last batches of 1, so rank 1 gets a stand-in of weight 0
          'cached_empty_slices': ['last_layer_cache=True', 'train_batch_size=17', 'train_push_batch_size=17',
-                                  'test_batch_size=8']}
+                                  'test_batch_size=8'],
+         # W trained in the warm epochs, every word on its own patch, chosen over both ranks' candidates
+         'shared': ['last_layer_init="zero"', 'last_layer_joint=True', 'push_unique=True']}
 
 
 def assert_trains_as_one(single, name, recorded_single, recorded, processes):
