@@ -82,6 +82,8 @@ METRICS = {
     'top_cells_on_object': ("top cells on the object (words: top locations; maps: argmax cell)", 'higher', 'cells'),
     'top_cells_near_object': ('top cells within the pointing tolerance of the object', 'higher', 'cells'),
     'distinct_words': ('distinct word vectors (of P)', '', 'cells'),
+    'top_cells_on_parts': ("share of words' top cells on a part", 'higher', 'cells'),
+    'class_part_coverage': ("share of a class's parts its words cover", 'higher', 'cells'),
 }
 FIGURE_METRICS = ('accuracy', 'iou_gradcam', 'pointing_game', 'content_heatmap', 'insertion_auc',
                   'deletion_auc', 'image_classes_per_word', 'top_locations_on_object')

@@ -188,8 +188,9 @@ def _int(lo=None, hi=None, none=False):
     return _range('a whole number', _is_int, lo, hi, False, none)
 
 
-def _number(lo=None, hi=None, above=False):
-    return _range('a number', lambda v: isinstance(v, float) and abs(v) < float('inf') or _is_int(v), lo, hi, above)
+def _number(lo=None, hi=None, above=False, none=False):
+    return _range('a number', lambda v: isinstance(v, float) and abs(v) < float('inf') or _is_int(v), lo, hi, above,
+                  none)
 
 
 def _choice(*options):

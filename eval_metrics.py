@@ -69,6 +69,7 @@ import interp_metrics as im
 import peers
 import perturbation_metrics as pert
 import word_metrics as wm
+import word_parts_figure
 from checkpoint import checkpoint_kind, load_checkpoint, model_from_checkpoint, require_kind
 from eval_iou import map_iou
 from image_data import ImageDataset, check_same_classes, normalize, npy_problem, open_attention_maps, open_npz
@@ -314,6 +315,31 @@ def cell_entries(cells, object_mask, grid, tau, params):
                                             'tau of the object (pointing game rule)', params, int(near.numel()))}
 
 
+def part_entries(cells, part_masks, part_names, grid, weight):
+    """The part-level word metrics (FunnyBirds-style) at the latent cell: which part (or the
+    background) each word's top cells point at (word_metrics.cell_parts), and per class whether
+    the words it uses (word_use) cover each of its parts. cells (P, n, 3); part_masks (N, K, S, S)."""
+    K = len(part_names)
+    categories = list(part_names) + ['background']
+    cell_categories = wm.cell_parts(cells, part_masks, grid)                     # (P, n)
+    counts = wm.word_part_counts(cell_categories, K)                              # (P, K+1)
+    dominant = counts.argmax(dim=1)  # first maximum: parts before the background on ties
+    covered = wm.class_part_coverage(wm.word_use(weight), dominant, K)           # (C, K)
+    on_parts = counts[:, :K].sum(dim=1).double() / counts.sum(dim=1).clamp(min=1).double()
+    return {
+        'top_cells_on_parts': _entry(float(on_parts.mean()), 'mean over words of the share of its top cells whose '
+                                     'footprint holds part pixels', {'categories': categories}, len(on_parts),
+                                     counts=counts.tolist(), dominant=[categories[int(d)] for d in dominant],
+                                     top_cells=cells.tolist(), cell_categories=cell_categories.tolist(),
+                                     words_per_dominant_part={c: int((dominant == j).sum()) for j, c in
+                                                              enumerate(categories)}),
+        'class_part_coverage': _entry(float(covered.double().mean()), 'mean over classes of the share of the %d parts '
+                                      'that a word the class uses points at (its dominant part)' % K,
+                                      {'use': 'W[c,p] > 0 and >= 0.5 max_c W[c,p]'}, int(covered.shape[0]),
+                                      per_class=[[part_names[k] for k in range(K) if covered[c, k]]
+                                                 for c in range(covered.shape[0])])}
+
+
 def image_classes_per_word(locations, labels):
     """Distinct true classes among the images of each word's top locations: (P,) long."""
     img = locations[:, :, 0]
@@ -503,6 +529,9 @@ def evaluate(sources, dataset, gt, indices, s, tau, spg_samples=100, seed=0, auc
         results[src.name]['cells'] = cell_entries(cells, obj, word_grids[src.name], tau, dict(
             cell_params, grid=list(word_grids[src.name]),
             locations='%d top test images per word by its similarity, the cell where it is attained' % cells.shape[1]))
+        if part_masks is not None:
+            results[src.name]['cells'].update(part_entries(cells, part_masks, gt['part_names'],
+                                                           word_grids[src.name], src.weight))
         results[src.name]['cells']['distinct_words'] = _entry(
             wm.distinct_words(src.model.prototype_vectors), 'distinct word vectors (equal rows counted once)',
             {'words': int(src.weight.shape[1])}, int(src.weight.shape[1]))
@@ -599,6 +628,8 @@ def to_markdown(res):
         'higher')
     row('top cells within the pointing tolerance of the object', cells('top_cells_near_object'), 'higher')
     row('distinct word vectors', cells('distinct_words'))
+    row('words: share of top cells on a part (cell rule)', cells('top_cells_on_parts'), 'higher')
+    row('classes: share of their parts covered by their words', cells('class_part_coverage'), 'higher')
     md = [title, '', '\n'.join(rows), '']
     if 'object_area_percent' in res:
         md += ['Reference: the object covers %.2f%% of an image on average (image mean), the content heatmap of a '
@@ -623,6 +654,13 @@ def to_markdown(res):
                 dom = w['part_purity']['words_per_dominant_part']
                 md.append('Dominant part of the words\' top locations: %s; mean purity %s.'
                           % (', '.join('%s %d' % (k, v) for k, v in dom.items()), _fmt(w['part_purity']['value'], 3)))
+            c = src.get('cells', {})
+            if 'top_cells_on_parts' in c:
+                dom = c['top_cells_on_parts']['words_per_dominant_part']
+                md.append('Dominant part of the words\' top cells (cell rule): %s. Parts covered per class: %s.'
+                          % (', '.join('%s %d' % kv for kv in dom.items()),
+                             '; '.join('%d: %s' % (k, ', '.join(v) or 'none')
+                                       for k, v in enumerate(c['class_part_coverage']['per_class']))))
             md.append('')
             md.append(im.results_to_markdown({k: {kk: vv for kk, vv in v.items() if kk in ('value', 'averaging', 'params', 'n')}
                                               for k, v in w.items()}))
@@ -737,6 +775,15 @@ def main(argv=None):
     print(md.split('\n\n')[1])
     print('wrote %s and %s (%.0fs)' % (os.path.join(out, 'metrics.json'), os.path.join(out, 'metrics.md'),
                                        res['seconds']['wall']))
+    for src in sources:
+        parts = res['sources'][src.name].get('cells', {}).get('top_cells_on_parts')
+        if isinstance(src, WordSource) and parts:
+            to_uint8 = lambda i: np.uint8(np.round(255 * dataset[indices[i]][0].permute(1, 2, 0).numpy()))
+            picture = word_parts_figure.draw_class_words(
+                os.path.join(out, 'parts_%s.png' % src.name), to_uint8, torch.tensor(parts['top_cells']),
+                torch.tensor(parts['cell_categories']), src.weight, dataset.classes, res['part_names'],
+                tuple(res['sources'][src.name]['cells']['top_cells_on_object']['params']['grid']))
+            print('wrote %s' % picture)
     run_dir = os.path.dirname(os.path.abspath(out))
     if args.out is None and first_word and os.path.isfile(os.path.join(run_dir, 'report.md')):
         import visualize

@@ -48,7 +48,8 @@ class_specific = False         # False: LVW (shared words); True: ProtoPNet cost
 # ---- words shared across classes (README, "The words"); the defaults are the reference's ------
 lvw_variant = 'reference'      # 'reference' | 'shared': applies variants[lvw_variant] below (before -set items)
 last_layer_init = 'classwise'  # 'classwise': +1 own class, incorrect_class_connection elsewhere; 'zero': W = 0
-last_layer_joint = False       # True: the warm and joint phases also train W (at last_layer_optimizer_lr)
+last_layer_joint_lr = None     # a number: the warm and joint phases also train W, at this lr (None: W only
+                               # in the last-layer passes)
 push_unique = False            # True: every word pushed onto its own patch (greedy by distance)
 push_exclude_border = False    # True: the grid's outer ring of cells is left out of the push search
 diversity_coef = 0             # > 0 adds coef * mean_{i<j} relu(cos(p_i, p_j) - diversity_margin)^2
@@ -132,7 +133,7 @@ lfi_batch_size = 256
 variants = {
     'reference': {},  # LVW as the reference code trains it
     # words free to serve any class and each on its own patch (README, "The words")
-    'shared': {'last_layer_init': 'zero', 'last_layer_joint': True, 'push_unique': True,
+    'shared': {'last_layer_init': 'zero', 'last_layer_joint_lr': 1e-2, 'push_unique': True,
                'push_exclude_border': True},
 }
 

@@ -56,7 +56,7 @@ RULES = {
     # words shared across classes
     'lvw_variant': _choice('reference', 'shared'),  # settings.variants
     'last_layer_init': _choice('classwise', 'zero'),
-    'last_layer_joint': _bool,
+    'last_layer_joint_lr': _number(0, above=True, none=True),
     'push_unique': _bool,
     'push_exclude_border': _bool,
     'diversity_coef': _number(0),

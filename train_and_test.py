@@ -126,7 +126,7 @@ def last_only(model):
 
 def make_optimizers(model, s):
     """Warm, joint (with its StepLR) and last-layer Adam optimisers, as the reference builds them;
-    with setting last_layer_joint the warm and joint ones also train the last layer."""
+    with setting last_layer_joint_lr the warm and joint ones also train the last layer."""
     lrs, wd = s['joint_optimizer_lrs'], s['weight_decay']
     joint_opt = torch.optim.Adam([
         {'params': model.features.parameters(), 'lr': lrs['features'], 'weight_decay': wd},
@@ -139,9 +139,9 @@ def make_optimizers(model, s):
         {'params': model.add_on_layers.parameters(), 'lr': warm['add_on_layers'], 'weight_decay': wd},
         {'params': [model.prototype_vectors], 'lr': warm['prototype_vectors']},
     ])
-    if s.get('last_layer_joint'):  # W learns with the words (ProtoPool); the joint group decays with StepLR
+    if s.get('last_layer_joint_lr') is not None:  # W learns with the words (ProtoPool); decays with StepLR
         for opt in (warm_opt, joint_opt):
-            opt.add_param_group({'params': model.last_layer.parameters(), 'lr': s['last_layer_optimizer_lr']})
+            opt.add_param_group({'params': model.last_layer.parameters(), 'lr': s['last_layer_joint_lr']})
     last_opt = torch.optim.Adam([{'params': model.last_layer.parameters(), 'lr': s['last_layer_optimizer_lr']}])
     return warm_opt, joint_opt, scheduler, last_opt
 

@@ -17,7 +17,7 @@ from interp_metrics import _first_argmax_flat, image_mean, points_hit_mask
 
 __all__ = ["word_argmax_locations", "top_locations_from_maxima", "top_locations", "part_purity",
            "classes_per_word", "cell_box", "cell_centre", "cells_on_mask", "cells_near_mask",
-           "map_top_cells", "distinct_words"]
+           "map_top_cells", "distinct_words", "word_use", "cell_parts", "word_part_counts", "class_part_coverage"]
 
 
 # ---------------------------------------------------------------------------
@@ -147,6 +147,14 @@ def part_purity(locations: Union[torch.Tensor, Sequence[Sequence[Sequence[int]]]
 # 2. classes per word
 # ---------------------------------------------------------------------------
 
+def word_use(weight: torch.Tensor, rel: float = 0.5) -> torch.Tensor:
+    """Which classes use which words: ``use[c, p] = W[c, p] > 0 and W[c, p] >= rel * max_c' W[c', p]``.
+    weight ``(C, P)`` -> ``(C, P)`` bool."""
+    w = weight.detach().double()
+    wmax = w.max(dim=0, keepdim=True).values
+    return (w > 0) & (w >= rel * wmax)
+
+
 def classes_per_word(weight: torch.Tensor, rel: float = 0.5) -> Tuple[torch.Tensor, float]:
     """Number of classes that use each word, from the last-layer weights.
 
@@ -160,10 +168,7 @@ def classes_per_word(weight: torch.Tensor, rel: float = 0.5) -> Tuple[torch.Tens
     Returns:
         ``(counts, mean)``: ``(P,)`` long tensor and its mean over words.
     """
-    w = weight.detach().double()
-    wmax = w.max(dim=0, keepdim=True).values
-    use = (w > 0) & (w >= rel * wmax)
-    counts = use.sum(dim=0).long()
+    counts = word_use(weight, rel).sum(dim=0).long()
     mean = float(counts.double().mean().item()) if counts.numel() else float("nan")
     return counts, mean
 
@@ -229,6 +234,43 @@ def map_top_cells(maps: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     N = maps.shape[0]
     idx = _first_argmax_flat(pooled.reshape(N, -1))
     return torch.stack([torch.arange(N), idx.cpu() // grid[1], idx.cpu() % grid[1]], dim=1).long()
+
+
+def cell_parts(cells: torch.Tensor, part_masks: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """The part each cell points at: the part with the most pixels in the cell's footprint
+    (:func:`cell_box`; ties to the earlier part), ``K`` (background) when the footprint holds no
+    part pixel; the cell rule of :func:`cells_on_mask`, one category per cell.
+
+    Args:
+        cells: ``(..., 3)`` long ``(image, h, w)``.
+        part_masks: ``(N, K, S, S)`` bool.
+        grid: ``(Hg, Wg)``.
+    Returns:
+        long tensor of shape ``cells.shape[:-1]`` with values in ``0..K``.
+    """
+    K, S = part_masks.shape[1], part_masks.shape[-1]
+    flat = cells.reshape(-1, 3).long().cpu()
+    pm = part_masks.cpu() != 0
+    out = []
+    for i, h, w in flat.tolist():
+        y0, y1, x0, x1 = cell_box(h, w, grid, S)
+        pixels = pm[i, :, y0:y1, x0:x1].flatten(1).sum(dim=1)  # (K,)
+        out.append(int(_first_argmax_flat(pixels[None])[0]) if int(pixels.max()) > 0 else K)
+    return torch.tensor(out, dtype=torch.long).reshape(cells.shape[:-1])
+
+
+def word_part_counts(categories: torch.Tensor, K: int) -> torch.Tensor:
+    """Per word, how many of its top cells point at each part and at the background:
+    categories ``(P, n)`` in ``0..K`` (:func:`cell_parts`) -> ``(P, K+1)`` long."""
+    return torch.stack([torch.bincount(row, minlength=K + 1) for row in categories.long().cpu()])
+
+
+def class_part_coverage(use: torch.Tensor, dominant: torch.Tensor, K: int) -> torch.Tensor:
+    """Whether each class's words cover each part: ``covered[c, k] = any_p use[c, p] and
+    dominant[p] = k``, with ``use`` ``(C, P)`` bool (:func:`word_use`) and ``dominant`` ``(P,)`` the
+    category (``0..K``, ``K`` background) most of word p's top cells point at. -> ``(C, K)`` bool."""
+    one_hot = F.one_hot(dominant.long().cpu(), K + 1)[:, :K].bool()   # (P, K)
+    return (use.cpu()[:, :, None] & one_hot[None]).any(dim=1)
 
 
 def distinct_words(prototype_vectors: torch.Tensor) -> int:

@@ -172,7 +172,7 @@ CASES = {'plain': [], 'cached': ['last_layer_cache=True'],
          'cached_empty_slices': ['last_layer_cache=True', 'train_batch_size=17', 'train_push_batch_size=17',
                                   'test_batch_size=8'],
          # W trained in the warm epochs, every word on its own patch, chosen over both ranks' candidates
-         'shared': ['last_layer_init="zero"', 'last_layer_joint=True', 'push_unique=True']}
+         'shared': ['last_layer_init="zero"', 'last_layer_joint_lr=1e-2', 'push_unique=True']}
 
 
 def assert_trains_as_one(single, name, recorded_single, recorded, processes):

@@ -142,6 +142,20 @@ def test_metrics_equal_direct_interp_metrics_calls(setup, tmp_path):
     assert saved['sources']['gradcam']['cells']['top_cells_on_object']['value'] == pytest.approx(
         float(wm.cells_on_mask(g_cells, obj, grid).double().mean()), abs=1e-12)
     assert saved['sources']['gradcam']['cells']['top_cells_on_object']['n'] == 9
+    # the part-level rules: each top cell's part, each word's dominant one, each class's coverage
+    counts = wm.word_part_counts(wm.cell_parts(cells, parts, grid), 4)
+    assert lvw['cells']['top_cells_on_parts']['counts'] == counts.tolist()
+    assert lvw['cells']['top_cells_on_parts']['value'] == pytest.approx(
+        float((counts[:, :4].sum(1).double() / counts.sum(1).double()).mean()), abs=1e-12)
+    covered = wm.class_part_coverage(wm.word_use(lvw_model.last_layer.weight), counts.argmax(1), 4)
+    assert lvw['cells']['class_part_coverage']['value'] == pytest.approx(float(covered.double().mean()), abs=1e-12)
+    assert 'top_cells_on_parts' not in saved['sources']['gradcam']['cells']
+    assert '| classes: share of their parts covered by their words |' in md
+    assert lvw['cells']['top_cells_on_parts']['top_cells'] == cells.tolist()
+    from PIL import Image
+    picture = Image.open(os.path.join(out_dir, 'parts_lvw.png'))
+    assert picture.size[1] == 20 + 3 * (56 + 2 * 4 + 4)  # a legend and one row per class
+    assert not os.path.exists(os.path.join(out_dir, 'parts_gradcam.png'))
 
 
 def test_gradcam_computed_from_the_base_model(setup, tmp_path):

@@ -47,19 +47,19 @@ def _warm_step(s):
     return net, warm, joint, before
 
 
-def test_last_layer_joint_adds_w_to_the_warm_and_joint_optimisers_only_when_set():
+def test_last_layer_joint_lr_adds_w_to_the_warm_and_joint_optimisers_only_when_set():
     s = config.resolve_settings('toy')
-    assert s['last_layer_joint'] is False
+    assert s['last_layer_joint_lr'] is None
     net, warm, joint, before = _warm_step(s)
     assert torch.equal(net.last_layer.weight, before)  # the reference: W frozen outside the last-layer phase
     assert len(warm.param_groups) == 2 and len(joint.param_groups) == 3
-    net, warm, joint, before = _warm_step(dict(s, last_layer_joint=True))
+    net, warm, joint, before = _warm_step(dict(s, last_layer_joint_lr=0.01))
     for opt in (warm, joint):
         assert opt.param_groups[-1]['params'] == [net.last_layer.weight]
-        assert opt.param_groups[-1]['lr'] == s['last_layer_optimizer_lr']
-    # Adam's first step moves every entry with a non-zero gradient by lr (here 1e-4)
+        assert opt.param_groups[-1]['lr'] == 0.01
+    # Adam's first step moves every entry with a non-zero gradient by lr
     moved = (net.last_layer.weight - before).abs()
-    assert moved.max().item() == pytest.approx(1e-4, rel=1e-3)
+    assert moved.max().item() == pytest.approx(0.01, rel=1e-3)
 
 
 def test_word_diversity_on_a_hand_example():
@@ -210,6 +210,7 @@ def test_nearest_across_ranks_merges_candidates_in_single_process_order(monkeypa
     ('push_unique', '1', '-set push_unique: expected a value like False, got 1'),
     ('diversity_coef', '-1', 'setting diversity_coef must be'),
     ('diversity_margin', '2', 'setting diversity_margin must be'),
+    ('last_layer_joint_lr', '0', 'setting last_layer_joint_lr must be None or a number > 0, got 0'),
 ])
 def test_bad_shared_word_settings_are_one_line_errors(name, value, message):
     with pytest.raises(config.UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
@@ -218,8 +219,8 @@ def test_bad_shared_word_settings_are_one_line_errors(name, value, message):
 
 def test_the_defaults_are_the_reference():
     s = config.resolve_settings('toy')
-    assert (s['last_layer_init'], s['last_layer_joint'], s['push_unique'], s['push_exclude_border'],
-            s['diversity_coef']) == ('classwise', False, False, False, 0)
+    assert (s['last_layer_init'], s['last_layer_joint_lr'], s['push_unique'], s['push_exclude_border'],
+            s['diversity_coef']) == ('classwise', None, False, False, 0)
     np.testing.assert_equal(push.border_cells(3, 3).numpy(), ~np.pad(np.ones((1, 1), bool), 1))
 
 
@@ -230,7 +231,7 @@ def test_the_shared_variant_sets_its_values_and_the_command_line_still_wins():
         assert s[name] == value, name
     assert s['img_size'] == 112  # the dataset's values stay
     s = config.resolve_settings('toy', ['push_unique=False', 'lvw_variant="shared"'])
-    assert s['push_unique'] is False and s['last_layer_joint'] is True
+    assert s['push_unique'] is False and s['last_layer_joint_lr'] == 0.01
     reference = config.resolve_settings('toy')
     assert reference == config.resolve_settings('toy', ['lvw_variant="reference"'])
     with pytest.raises(config.UserError, match="setting lvw_variant must be one of 'reference', 'shared', got 'x'"):

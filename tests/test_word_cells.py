@@ -104,3 +104,27 @@ def test_receptive_field_of_a_cell_matches_brute_force():
         # the receptive field of ResNet-18 (435 px) covers a 96 px image from every cell
         assert (h0, h1, w0, w1) == (0, size, 0, size)
         assert (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())) == (0, size - 1, 0, size - 1)
+
+
+def test_cell_parts_word_part_counts_and_class_coverage_by_hand():
+    """A 2 x 2 grid on 8 px images (4 px cells). Image 0: part 0 fills the top-left cell, part 1
+    has 3 pixels and part 0 one pixel in the top-right cell; image 1: no part at all."""
+    parts = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    parts[0, 0, 0:4, 0:4] = True
+    parts[0, 1, 0, 4:7] = True
+    parts[0, 0, 3, 7] = True
+    cells = torch.tensor([[[0, 0, 0], [0, 0, 1], [0, 1, 1]],    # word 0: part 0, part 1, background
+                          [[1, 0, 0], [1, 1, 1], [0, 0, 0]]])   # word 1: background, background, part 0
+    categories = wm.cell_parts(cells, parts, (2, 2))
+    assert categories.tolist() == [[0, 1, 2], [2, 2, 0]]
+    counts = wm.word_part_counts(categories, 2)
+    assert counts.tolist() == [[1, 1, 1], [1, 0, 2]]
+    # classes: class 0 uses word 0 (dominant part 0: ties go to the earlier), class 1 uses word 1 (background)
+    weight = torch.tensor([[1.0, -0.2], [0.1, 0.8]])
+    use = wm.word_use(weight)
+    assert use.tolist() == [[True, False], [False, True]]
+    covered = wm.class_part_coverage(use, counts.argmax(dim=1), 2)
+    assert covered.tolist() == [[True, False], [False, False]]
+    # a word shared by both classes covers its part for both
+    shared = wm.class_part_coverage(torch.tensor([[True, False], [True, False]]), torch.tensor([1, 0]), 2)
+    assert shared.tolist() == [[False, True], [False, True]]
