@@ -43,7 +43,7 @@ def nearest_patches(model, loader, device, class_specific, keep_features=False, 
     Candidates are ranked per word by (distance, image index, h * W + w). `unique` (setting
     push_unique): each word keeps its P best candidates, then unique_assignment gives every word
     its own patch. `exclude_border` (setting push_exclude_border): the cells on the grid's border
-    are no candidates (check_border_grid says when none is left)."""
+    are no candidates, on a grid that has inner cells (has_inner_cells)."""
     net = model.module if hasattr(model, 'module') else model
     net.eval()
     P = net.prototype_vectors.shape[0]
@@ -70,8 +70,7 @@ def nearest_patches(model, loader, device, class_specific, keep_features=False, 
                 feature_indices.append(indices)
             B, _, H, W = d.shape
             if best is None:
-                if exclude_border:
-                    check_border_grid(H, W)
+                exclude_border = exclude_border and has_inner_cells(H, W)
                 best = empty_candidates(P, keep, z.shape[1], H, W, device)
             search = d
             if class_specific:
@@ -131,10 +130,10 @@ def border_cells(H, W, device=None):
     return ring
 
 
-def check_border_grid(H, W):
-    if H < 3 or W < 3:
-        raise distributed.UserError('setting push_exclude_border needs a word grid of at least 3 x 3 cells '
-                                    '(it leaves the inner ones), got %d x %d' % (H, W))
+def has_inner_cells(H, W):
+    """Whether an H x W grid has cells off its border (at least 3 x 3): push_exclude_border
+    excludes nothing on a smaller grid (push_prototypes says so)."""
+    return H >= 3 and W >= 3
 
 
 def unique_assignment(candidates):
@@ -242,6 +241,10 @@ def push_prototypes(model, loader, device, class_specific, epoch=None, folder=No
     start = time.time()
     net = model.module if hasattr(model, 'module') else model
     found = nearest_patches(net, loader, device, class_specific, keep_features, amp, unique, exclude_border)
+    H, W = found['similarity_map'].shape[1:]
+    if exclude_border and not has_inner_cells(H, W):
+        log('warning: push_exclude_border: the %d x %d word grid has no inner cell; the push searches every cell'
+            % (H, W))
     ok = found['image'] >= 0
     with torch.no_grad():
         vectors = net.prototype_vectors.data.view(net.prototype_vectors.shape[0], -1)

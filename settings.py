@@ -51,7 +51,7 @@ last_layer_init = 'classwise'  # 'classwise': +1 own class, incorrect_class_conn
 last_layer_joint_lr = None     # a number: the warm and joint phases also train W, at this lr (None: W only
                                # in the last-layer passes)
 push_unique = False            # True: every word pushed onto its own patch (greedy by distance)
-push_exclude_border = False    # True: the grid's outer ring of cells is left out of the push search
+push_exclude_border = False    # True: the grid's outer ring of cells is left out of the push search (on 3 x 3 or more)
 diversity_coef = 0             # > 0 adds coef * mean_{i<j} relu(cos(p_i, p_j) - diversity_margin)^2
 diversity_margin = 0.5
 
@@ -133,8 +133,9 @@ lfi_batch_size = 256
 variants = {
     'reference': {},  # LVW as the reference code trains it
     # words free to serve any class and each on its own patch (README, "The words")
-    'shared': {'last_layer_init': 'zero', 'last_layer_joint_lr': 1e-2, 'push_unique': True,
-               'push_exclude_border': True},
+    # (variant xi of results/shared_words/ablation_seed0.md)
+    'shared': {'last_layer_init': 'zero', 'last_layer_joint_lr': 0.05, 'last_layer_optimizer_lr': 0.01,
+               'push_unique': True, 'push_exclude_border': True, 'diversity_coef': 1, 'diversity_margin': 0.8},
 }
 
 # ---- per-dataset values, applied over the ones above ------------------------------------------

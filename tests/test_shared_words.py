@@ -175,9 +175,14 @@ def test_push_exclude_border_searches_the_inner_cells_only():
     assert set(found['h'].tolist()) <= {1, 2} and set(found['w'].tolist()) <= {1, 2}
     assert torch.allclose(found['distance'], inner.min(dim=1).values, atol=1e-4)
     assert push.border_cells(4, 4).sum().item() == 12
-    _, _, small = _push_setup(size=64)            # a 2 x 2 grid has no inner cell
-    with pytest.raises(config.UserError, match='push_exclude_border needs a word grid of at least 3 x 3 cells'):
-        push.nearest_patches(net, small, torch.device('cpu'), False, exclude_border=True)
+    # a 2 x 2 grid has no inner cell: every cell is searched, as without the setting, and the push says so
+    small_net, _, small = _push_setup(size=64)
+    plain = push.nearest_patches(small_net, small, torch.device('cpu'), False)
+    said = []
+    found = push.push_prototypes(small_net, small, torch.device('cpu'), False, exclude_border=True, log=said.append)
+    assert torch.equal(found['distance'], plain['distance']) and torch.equal(found['image'], plain['image'])
+    assert said[0] == ('warning: push_exclude_border: the 2 x 2 word grid has no inner cell; the push searches '
+                       'every cell')
 
 
 def test_best_candidates_keeps_the_earlier_patch_on_ties():
@@ -231,7 +236,7 @@ def test_the_shared_variant_sets_its_values_and_the_command_line_still_wins():
         assert s[name] == value, name
     assert s['img_size'] == 112  # the dataset's values stay
     s = config.resolve_settings('toy', ['push_unique=False', 'lvw_variant="shared"'])
-    assert s['push_unique'] is False and s['last_layer_joint_lr'] == 0.01
+    assert s['push_unique'] is False and s['last_layer_joint_lr'] == 0.05
     reference = config.resolve_settings('toy')
     assert reference == config.resolve_settings('toy', ['lvw_variant="reference"'])
     with pytest.raises(config.UserError, match="setting lvw_variant must be one of 'reference', 'shared', got 'x'"):

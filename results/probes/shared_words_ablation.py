@@ -1,0 +1,91 @@
+"""The one-seed ablation behind the README's "The words" section: word-model variants trained and
+scored exactly as benchmark.py trains and scores its word methods (its schedule, seed 0's base
+model and Grad-CAM), one row per variant in results/shared_words/ablation_seed0.md.
+
+    python results/probes/shared_words_ablation.py                 # every variant, ~8 min each on 2 cores
+    python results/probes/shared_words_ablation.py xb xf           # some; finished ones are skipped
+    python results/probes/shared_words_ablation.py -report         # only the table
+
+Run from the repository root. Needs `python benchmark.py -seeds 0 -methods base` first (or any
+benchmark run of seed 0); lvw_double and lvw_shared rows are read from that run when present.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+import benchmark  # noqa: E402
+import config  # noqa: E402
+
+FLIP = 'attention_flip="double"'
+SHARED = 'lvw_variant="shared"'
+# name -> (what changes from the reference, the settings over the benchmark's)
+VARIANTS = {
+    'xe': ('push_exclude_border only', [FLIP, 'push_exclude_border=True']),
+    'xb': ('classwise W, W trained at 0.01 with the words, unique push, border cells excluded',
+           [FLIP, SHARED, 'last_layer_init="classwise"', 'last_layer_joint_lr=0.01']),
+    'xh': ('W +1 own class / 0 others, W at 0.05, unique push, border cells excluded',
+           [FLIP, SHARED, 'last_layer_init="classwise"', 'incorrect_class_connection=0', 'last_layer_joint_lr=0.05']),
+    'xc': ('zero W, W at 0.05, unique push, border cells excluded', [FLIP, SHARED, 'last_layer_joint_lr=0.05']),
+    'xf': ('zero W, W at 0.05, last-layer lr 0.01, unique push, border cells excluded',
+           [FLIP, SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01']),
+    'xg': ('zero W, W at 0.05, unique push (border cells allowed)',
+           [FLIP, SHARED, 'last_layer_joint_lr=0.05', 'push_exclude_border=False']),
+    'xi': ('zero W, W at 0.05, last-layer lr 0.01, unique push, border cells excluded, diversity 1 (margin 0.8)',
+           [FLIP, SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01', 'diversity_coef=1',
+            'diversity_margin=0.8']),
+    'xj': ('zero W, W at 0.05, last-layer lr 0.01, unique push (border cells allowed)',
+           [FLIP, SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01', 'push_exclude_border=False']),
+}
+ROWS = ('accuracy', 'iou_gradcam', 'classes_per_word', 'distinct_words', 'top_cells_on_object',
+        'top_cells_near_object', 'top_cells_on_parts', 'class_part_coverage')
+OUT = os.path.join('results', 'shared_words', 'ablation_seed0')
+
+
+def run(plan, names):
+    steps = benchmark.Steps(os.path.join(plan.root, 'steps_ablation.json'), print)
+    for name in names:
+        benchmark.WORD_METHODS[name] = (name, VARIANTS[name][1])
+        steps.run('seed 0: train %s' % name, lambda: benchmark.train_method(plan, 0, name))
+        steps.run('seed 0: metrics of %s' % name, lambda: benchmark.evaluate_method(plan, 0, name))
+
+
+def report(plan):
+    rows = [('base', 'base Grad-CAM'), ('lvw_double', 'faithful LVW (reference flip)')]
+    rows += [(n, '%s: %s' % (n, label)) for n, (label, _) in VARIANTS.items()]
+    rows.append(('lvw_shared', 'lvw_shared: settings.variants["shared"] (benchmark method)'))
+    lines = ['| variant | %s |' % ' | '.join(ROWS), '|---|%s' % ('---|' * len(ROWS))]
+    table = {}
+    for name, label in rows:
+        values = benchmark.read_values(plan, 0, name)
+        if not values or all(v is None for v in values.values()):
+            continue
+        table[name] = {'label': label, **values}
+        lines.append('| %s | %s |' % (label, ' | '.join('n/a' if values.get(k) is None else
+                                                         ('%d' % values[k] if k == 'distinct_words' else
+                                                          '%.3f' % values[k]) for k in ROWS)))
+    md = ['# Shared words: one-seed ablation (seed 0)', '',
+          'Made by `python results/probes/shared_words_ablation.py` (each variant: benchmark.py\'s schedule and '
+          'metrics, from seed 0\'s base model).', '', *lines, '',
+          'Settings of each variant over the benchmark\'s: %s.' % '; '.join(
+              '%s `%s`' % (n, ' '.join(v[1])) for n, v in VARIANTS.items()), '']
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    config.save_json(table, OUT + '.json')
+    config.atomic_write(OUT + '.md', lambda f: f.write('\n'.join(md)))
+    print('\n'.join(md))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    plan = benchmark.Plan(False, [0])
+    names = [a for a in argv if a != '-report']
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise config.UserError('unknown variant(s) %s (choose from %s)' % (', '.join(unknown), ', '.join(VARIANTS)))
+    if '-report' not in argv:
+        run(plan, names or list(VARIANTS))
+    report(plan)
+
+
+if __name__ == '__main__':
+    config.run_cli(main)
