@@ -35,61 +35,68 @@ VARIANTS = {
     'xi': ('zero W, W at 0.05, last-layer lr 0.01, unique push, border cells excluded, diversity 1 (margin 0.8)',
            [FLIP, *SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01', 'diversity_coef=1',
             'diversity_margin=0.8']),
+    'xk': ('as xi, diversity 10', [FLIP, *SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01',
+                                   'diversity_coef=10', 'diversity_margin=0.8']),
+    'xl': ('as xi, diversity 100', [FLIP, *SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01',
+                                    'diversity_coef=100', 'diversity_margin=0.8']),
     'xj': ('zero W, W at 0.05, last-layer lr 0.01, unique push (border cells allowed)',
            [FLIP, *SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01', 'push_exclude_border=False']),
 }
 ROWS = ('accuracy', 'iou_gradcam', 'classes_per_word', 'distinct_words', 'top_cells_on_object',
         'top_cells_near_object', 'top_cells_on_parts', 'class_part_coverage')
-OUT = os.path.join('results', 'shared_words', 'ablation_seed0')
+OUT = os.path.join('results', 'shared_words', 'ablation_seed%d')
 
 
-def run(plan, names):
-    steps = benchmark.Steps(os.path.join(plan.root, 'steps_ablation.json'), print)
+def run(plan, names, seed):
+    steps = benchmark.Steps(os.path.join(plan.root, 'steps_ablation_%s.json' % '_'.join(names)), print)
     for name in names:
         benchmark.WORD_METHODS[name] = (name, VARIANTS[name][1])
-        steps.run('seed 0: train %s' % name, lambda: benchmark.train_method(plan, 0, name))
-        steps.run('seed 0: metrics of %s' % name, lambda: benchmark.evaluate_method(plan, 0, name))
+        steps.run('seed %d: train %s' % (seed, name), lambda: benchmark.train_method(plan, seed, name))
+        steps.run('seed %d: metrics of %s' % (seed, name), lambda: benchmark.evaluate_method(plan, seed, name))
 
 
-def report(plan):
+def report(plan, seed):
     rows = [('base', 'base Grad-CAM'), ('lvw_double', 'faithful LVW (reference flip)')]
     rows += [(n, '%s: %s' % (n, label)) for n, (label, _) in VARIANTS.items()]
     rows.append(('lvw_shared', 'lvw_shared: settings.variants["shared"] (benchmark method)'))
     lines = ['| variant | %s |' % ' | '.join(ROWS), '|---|%s' % ('---|' * len(ROWS))]
     table = {}
     for name, label in rows:
-        values = benchmark.read_values(plan, 0, name)
+        values = benchmark.read_values(plan, seed, name)
         if not values or all(v is None for v in values.values()):
             continue
         table[name] = {'label': label, **values}
         lines.append('| %s | %s |' % (label, ' | '.join('n/a' if values.get(k) is None else
                                                          ('%d' % values[k] if k == 'distinct_words' else
                                                           '%.3f' % values[k]) for k in ROWS)))
-    md = ['# Shared words: one-seed ablation (seed 0)', '',
+    md = ['# Shared words: one-seed ablation (seed %d)' % seed, '',
           'Made by `python results/probes/shared_words_ablation.py` (each variant: benchmark.py\'s schedule and '
-          'metrics, from seed 0\'s base model).', '', *lines, '',
+          'metrics, from seed %d\'s base model).' % seed, '', *lines, '',
           'Settings of each variant over the benchmark\'s: %s.' % '; '.join(
               '%s `%s`' % (n, ' '.join(v[1])) for n, v in VARIANTS.items()), '',
           'The x variants ran two at a time with OMP_NUM_THREADS=1; the benchmark\'s runs (base, faithful LVW, '
           'lvw_shared) ran alone with 2 threads. lvw_shared has exactly the settings of xi (their settings.json '
           'differ only in experiment_run): the two rows differ by the thread count alone, through float '
           'reductions, and show the spread of one seed.', '']
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    config.save_json(table, OUT + '.json')
-    config.atomic_write(OUT + '.md', lambda f: f.write('\n'.join(md)))
+    out = OUT % seed
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    config.save_json(table, out + '.json')
+    config.atomic_write(out + '.md', lambda f: f.write('\n'.join(md)))
     print('\n'.join(md))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    plan = benchmark.Plan(False, [0])
+    seed = int(argv[argv.index('-seed') + 1]) if '-seed' in argv else 0
+    argv = [a for i, a in enumerate(argv) if a != '-seed' and (i == 0 or argv[i - 1] != '-seed')]
+    plan = benchmark.Plan(False, [seed])
     names = [a for a in argv if a != '-report']
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise config.UserError('unknown variant(s) %s (choose from %s)' % (', '.join(unknown), ', '.join(VARIANTS)))
     if '-report' not in argv:
-        run(plan, names or list(VARIANTS))
-    report(plan)
+        run(plan, names or list(VARIANTS), seed)
+    report(plan, seed)
 
 
 if __name__ == '__main__':
