@@ -54,7 +54,7 @@ RULES = {
     'topk': _int(1),  # at most the number of words: finish_settings
     'class_specific': _bool,
     # words shared across classes
-    'lvw_variant': _choice('reference', 'shared'),  # settings.variants
+    'lvw_variant': _text(),  # a key of settings.variants: config.resolve_settings checks it
     'last_layer_init': _choice('classwise', 'zero'),
     'last_layer_joint_lr': _number(0, above=True, none=True),
     'push_unique': _bool,
