@@ -125,7 +125,7 @@ def _push_setup(size=64, n=7, P=6):
 
 def test_push_unique_gives_identical_words_the_p_nearest_patches():
     """All six words start as one vector: the reference push puts them all on its nearest patch;
-    push_unique gives word p the (p+1)-th nearest patch (ties between words go to the lower index)."""
+    push_unique gives the six words the six nearest patches, one each."""
     net, images, loader = _push_setup()
     with torch.no_grad():
         net.prototype_vectors.copy_(net.prototype_vectors[:1].expand_as(net.prototype_vectors))
@@ -139,8 +139,8 @@ def test_push_unique_gives_identical_words_the_p_nearest_patches():
     found = push.push_prototypes(net, loader, torch.device('cpu'), False, unique=True, **QUIET)
     patches = list(zip(found['image'].tolist(), found['h'].tolist(), found['w'].tolist()))
     assert len(set(patches)) == 6
-    assert torch.allclose(found['distance'], ranked[:6], atol=1e-4)
-    assert (found['distance'][1:] >= found['distance'][:-1]).all()
+    # which word gets which of the six is a tie between equal words (float noise decides): compare the set
+    assert torch.allclose(found['distance'].sort().values, ranked[:6], atol=1e-4)
     H, W = d.shape[1:]
     for p, (i, h, w) in enumerate(patches):
         assert d[i, h, w].item() == pytest.approx(found['distance'][p].item(), abs=1e-4)
