@@ -5,7 +5,8 @@ Any name can also be changed for one run with `-set NAME=VALUE` (a Python litera
 `python main.py -set num_train_epochs=21 "push_epochs=[10, 20]"`.
 
 How a run's settings are resolved: the reference values below, then `presets[dataset]`, then
-`variants[lvw_variant]` (the method variant; 'reference' changes nothing), then the command line. The resolved settings are saved as settings.json beside the run's checkpoints.
+`variants[lvw_variant]` (the method variant; 'reference' changes nothing), then the command line.
+The resolved settings are saved as settings.json beside the run's checkpoints.
 The values at module level are those of the reference code's Oxford-IIIT Pet run.
 """
 

@@ -12,6 +12,7 @@ import word_metrics as wm
 PART_COLOURS = [(220, 40, 40), (40, 170, 60), (40, 90, 220), (240, 150, 0), (225, 225, 0), (170, 60, 200)]
 BACKGROUND_COLOUR = (150, 150, 150)
 TILE, FRAME, LABEL_W = 56, 4, 70
+STEP = TILE + 2 * FRAME + 4  # one framed tile and its gap, across and down
 
 
 def category_colour(k, K):
@@ -33,9 +34,9 @@ def draw_class_words(path, image_of, top_cells, categories, weight, class_names,
     K = len(part_names)
     use = wm.word_use(weight)
     C = weight.shape[0]
-    width = LABEL_W + per_class * (TILE + 2 * FRAME + 4)
+    width = LABEL_W + per_class * STEP
     legend_h = 20
-    canvas = Image.new('RGB', (width, legend_h + C * (TILE + 2 * FRAME + 4)), (255, 255, 255))
+    canvas = Image.new('RGB', (width, legend_h + C * STEP), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     x = 4
     for k, name in enumerate(list(part_names) + ['background']):
@@ -43,13 +44,13 @@ def draw_class_words(path, image_of, top_cells, categories, weight, class_names,
         draw.text((x + 14, 3), name, fill=(0, 0, 0))
         x += 14 + 7 * len(name) + 10
     for c in range(C):
-        top = legend_h + c * (TILE + 2 * FRAME + 4)
+        top = legend_h + c * STEP
         draw.text((4, top + TILE // 2), str(class_names[c])[:10], fill=(0, 0, 0))
         words = [p for p in np.argsort(-weight[c].double().numpy(), kind='stable').tolist() if use[c, p]][:per_class]
         for j, p in enumerate(words):
             i, h, w = (int(v) for v in top_cells[p, 0])
             crop = Image.fromarray(cell_crop(image_of(i), h, w, grid)).resize((TILE, TILE), Image.NEAREST)
-            left = LABEL_W + j * (TILE + 2 * FRAME + 4)
+            left = LABEL_W + j * STEP
             draw.rectangle([left, top, left + TILE + 2 * FRAME - 1, top + TILE + 2 * FRAME - 1],
                            fill=category_colour(int(categories[p, 0]), K))
             canvas.paste(crop, (left + FRAME, top + FRAME))

@@ -4,12 +4,13 @@ model and Grad-CAM), one row per variant in results/shared_words/ablation_seed0.
 
     python results/probes/shared_words_ablation.py                 # every variant, ~8 min each on 2 cores
     python results/probes/shared_words_ablation.py xb xf           # some; finished ones are skipped
+    python results/probes/shared_words_ablation.py -seed 2 xk xl   # on another seed's base model
     python results/probes/shared_words_ablation.py -report         # only the table
 
 Run from the repository root. Needs `python benchmark.py -seeds 0 -methods base` first (or any
 benchmark run of seed 0); lvw_double and lvw_shared rows are read from that run when present.
 """
-import json
+import argparse
 import os
 import sys
 
@@ -86,17 +87,18 @@ def report(plan, seed):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    seed = int(argv[argv.index('-seed') + 1]) if '-seed' in argv else 0
-    argv = [a for i, a in enumerate(argv) if a != '-seed' and (i == 0 or argv[i - 1] != '-seed')]
-    plan = benchmark.Plan(False, [seed])
-    names = [a for a in argv if a != '-report']
-    unknown = [n for n in names if n not in VARIANTS]
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('variants', nargs='*', help='default: all (%s)' % ' '.join(VARIANTS))
+    parser.add_argument('-seed', type=int, default=0)
+    parser.add_argument('-report', action='store_true', help='only the table')
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.variants if n not in VARIANTS]
     if unknown:
         raise config.UserError('unknown variant(s) %s (choose from %s)' % (', '.join(unknown), ', '.join(VARIANTS)))
-    if '-report' not in argv:
-        run(plan, names or list(VARIANTS), seed)
-    report(plan, seed)
+    plan = benchmark.Plan(False, [args.seed])
+    if not args.report:
+        run(plan, args.variants or list(VARIANTS), args.seed)
+    report(plan, args.seed)
 
 
 if __name__ == '__main__':

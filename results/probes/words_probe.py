@@ -75,7 +75,7 @@ def grid_facts(arch, sizes=(112, 224)):
     for size in sizes:
         n, jump, rf, start = word_layer_rf_info(size, specs)
         n = int(n)
-        out[size] = {'grid': n, 'border_share': 1 - max(n - 2, 0) ** 2 / n ** 2, 'cell_px': jump,
+        out[size] = {'grid': n, 'border_share': float(push.border_cells(n, n).double().mean()), 'cell_px': jump,
                      'receptive_field_px': rf, 'receptive_field_over_image': rf / size}
     return out
 
