@@ -26,24 +26,26 @@ import distributed
 import run_state
 from checkpoint import load_checkpoint, load_weights, require_kind, save_checkpoint
 from image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
-from model import RESNETS, load_start_weights
+from model import RESNETS, load_start_weights, set_padding_mode
 
 
 def default_base_model_path(s):
     return os.path.join('saved_models', 'base', '%s_%s.pth' % (s['dataset'], s['base_architecture']))
 
 
-def make_base_model(arch, num_classes):
+def make_base_model(arch, num_classes, padding='zeros'):
+    """The torchvision ResNet classifier, its convolutions padding with `padding` (set_padding_mode)."""
     if arch not in RESNETS:
         raise config.UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(RESNETS)))
-    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    return set_padding_mode(getattr(torchvision.models, arch)(weights=None, num_classes=num_classes), padding)
 
 
 def load_base_model(path, device='cpu', script='gradcam_extract.py'):
     """The fine-tuned classifier and its checkpoint dict (from finetune_backbone.py); any other
     file is one UserError line naming it, and `script`, the one that needs the base model."""
     ckpt = require_kind(load_checkpoint(path), path, 'base', script)
-    model = load_weights(make_base_model(ckpt['arch'], len(ckpt['class_names'])), ckpt, path)
+    padding = ckpt['settings'].get('backbone_padding', 'zeros')  # files made before the setting: zeros
+    model = load_weights(make_base_model(ckpt['arch'], len(ckpt['class_names']), padding), ckpt, path)
     return model.to(device).eval(), ckpt
 
 
@@ -72,7 +74,7 @@ def finetune(s, device, weights=None, log=print, state_file=None, state=None):
     check_same_classes(train_set.classes, test_set.classes, s['train_dir'], s['test_dir'])
     check_images(sorted({path for data in (train_set, test_set) for path, _ in data.samples}), s['image_check'],
                  'train and test images')
-    model = make_base_model(s['base_architecture'], len(train_set.classes))
+    model = make_base_model(s['base_architecture'], len(train_set.classes), s['backbone_padding'])
     source = None
     if state is None:
         source = load_start_weights(model, s['base_architecture'], s['pretrained'], weights, 'base model', log)

@@ -10,7 +10,7 @@ Shapes: B images, P words, D word channels, C classes, H x W backbone grid (7 x 
     similarity maps M = g(d)                     (B, P, H, W)
 """
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -55,15 +55,31 @@ def linear_similarity(d, max_dist):
 
 # ---- backbone ---------------------------------------------------------------------------------
 
+PADDING_MODES = ('zeros', 'reflect', 'replicate')
+
+
+def set_padding_mode(module, mode):
+    """Every Conv2d of `module` that pads pads with `mode` (setting backbone_padding: 'zeros', the
+    torchvision default, 'reflect' or 'replicate'); the weights are untouched. Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and any(p > 0 for p in _pairs(m.padding)):
+            m.padding_mode = mode
+    return module
+
+
+def _pairs(padding):
+    return padding if isinstance(padding, (tuple, list)) else (padding,)
+
+
 class ResNetFeatures(nn.Module):
     """A torchvision ResNet without avgpool and fc; parameter names match torchvision's, so an
-    ImageNet state_dict (fc entries aside) loads as is."""
+    ImageNet state_dict (fc entries aside) loads as is. `padding`: see set_padding_mode."""
 
-    def __init__(self, arch):
+    def __init__(self, arch, padding='zeros'):
         super().__init__()
         if arch not in RESNETS:
             raise UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(RESNETS)))
-        net = getattr(torchvision.models, arch)(weights=None)
+        net = set_padding_mode(getattr(torchvision.models, arch)(weights=None), padding)
         for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
             setattr(self, name, getattr(net, name))
         last_block = self.layer4[-1]
@@ -159,6 +175,7 @@ class LVWOutput(NamedTuple):
     min_distances: torch.Tensor    # (B, P)
     similarities: torch.Tensor     # (B, P)
     similarity_maps: torch.Tensor  # (B, P, H, W)
+    distances: Optional[torch.Tensor] = None  # (B, P, H, W), the squared distances d (setting word_anchor_coef)
 
 
 def initial_last_layer(class_identity, kind='classwise', incorrect_class_connection=-0.5):
@@ -222,7 +239,7 @@ class LVWNet(nn.Module):
         d = squared_distances(z, self.prototype_vectors)
         min_distances = d.amin(dim=(2, 3))
         similarities = self.similarity(min_distances)
-        return LVWOutput(self.last_layer(similarities), min_distances, similarities, self.similarity(d))
+        return LVWOutput(self.last_layer(similarities), min_distances, similarities, self.similarity(d), d)
 
 
 def load_start_weights(module, arch, pretrained, weights=None, what='backbone', log=print):
@@ -245,7 +262,7 @@ def load_start_weights(module, arch, pretrained, weights=None, what='backbone', 
 def build_model(s, weights=None, log=print):
     """The LVW network of resolved settings `s`; ImageNet weights for the backbone when
     s['pretrained'] and a file is found (`weights`, ./pretrained_models, or torchvision's cache)."""
-    features = ResNetFeatures(s['base_architecture'])
+    features = ResNetFeatures(s['base_architecture'], s.get('backbone_padding', 'zeros'))
     load_start_weights(features, s['base_architecture'], s['pretrained'], weights, 'backbone', log)
     return LVWNet(features, s['prototype_shape'], s['num_classes'], s['prototype_activation_function'],
                   s['add_on_layers_type'], s['incorrect_class_connection'], s['epsilon'],

@@ -27,8 +27,8 @@ from tqdm import tqdm
 import distributed
 from image_data import normalize
 from model import squared_distances
-from receptive_field import rf_box
-from train_and_test import amp_context
+from receptive_field import border_cells, has_inner_cells, push_cells, rf_box  # noqa: F401 (push.border_cells)
+from train_and_test import amp_context, mean_pairwise_word_distance
 
 
 def nearest_patches(model, loader, device, class_specific, keep_features=False, amp=None, unique=False,
@@ -77,7 +77,7 @@ def nearest_patches(model, loader, device, class_specific, keep_features=False, 
                 own = labels[:, None] == word_class[None, :]   # (B, P)
                 search = search.masked_fill(~own[:, :, None, None], float('inf'))
             if exclude_border:
-                search = search.masked_fill(border_cells(H, W, device), float('inf'))
+                search = search.masked_fill(~push_cells(H, W, True, device), float('inf'))
             # stable: equal distances keep (b, h, w) order, the loader's order
             values, flat = search.transpose(0, 1).reshape(P, -1).sort(dim=1, stable=True)
             values, flat = values[:, :keep], flat[:, :keep]     # (P, k), index into (B, H, W)
@@ -121,19 +121,6 @@ def best_candidates(kept, new, k):
 def take_rows(value, order):
     """value (P, n, ...) reordered per row by order (P, k): out[p, j] = value[p, order[p, j]]."""
     return value[torch.arange(value.shape[0], device=value.device)[:, None], order]
-
-
-def border_cells(H, W, device=None):
-    """(H, W) bool, True on the cells of the grid's outer ring: h in {0, H-1} or w in {0, W-1}."""
-    ring = torch.ones(H, W, dtype=torch.bool, device=device)
-    ring[1:H - 1, 1:W - 1] = False
-    return ring
-
-
-def has_inner_cells(H, W):
-    """Whether an H x W grid has cells off its border (at least 3 x 3): push_exclude_border
-    excludes nothing on a smaller grid (push_prototypes says so)."""
-    return H >= 3 and W >= 3
 
 
 def unique_assignment(candidates):
@@ -246,6 +233,7 @@ def push_prototypes(model, loader, device, class_specific, epoch=None, folder=No
         log('warning: push_exclude_border: the %d x %d word grid has no inner cell; the push searches every cell'
             % (H, W))
     ok = found['image'] >= 0
+    spread_before = mean_pairwise_word_distance(net.prototype_vectors).item()
     with torch.no_grad():
         vectors = net.prototype_vectors.data.view(net.prototype_vectors.shape[0], -1)
         vectors[ok] = found['patch'][ok].to(vectors.device, vectors.dtype)
@@ -255,6 +243,12 @@ def push_prototypes(model, loader, device, class_specific, epoch=None, folder=No
     if folder is not None:
         write_push_artefacts(found, loader.dataset, folder, epoch, rf_info, img_size)
     patches = {(int(i), int(h), int(w)) for i, h, w in zip(found['image'][ok], found['h'][ok], found['w'][ok])}
-    log('push: %d words projected onto %d distinct patches of %d images (%.1fs)'
-        % (int(ok.sum()), len(patches), len(set(found['image'][ok].tolist())), time.time() - start))
+    # how far the words jumped, and how far apart they land (a collapse shows as a small spread)
+    moved = found['distance'][ok]
+    spread = mean_pairwise_word_distance(net.prototype_vectors).item()
+    log('push: %d words projected onto %d distinct patches of %d images, squared distance moved mean %.3f '
+        'max %.3f, mean pairwise word distance %.3f -> %.3f (%.1fs)'
+        % (int(ok.sum()), len(patches), len(set(found['image'][ok].tolist())),
+           moved.mean().item() if len(moved) else float('nan'), moved.max().item() if len(moved) else float('nan'),
+           spread_before, spread, time.time() - start))
     return found

@@ -14,6 +14,7 @@ Run as a script to print them: `python receptive_field.py -arch resnet34 -img_si
 import argparse
 import math
 
+import torch
 import torch.nn as nn
 
 
@@ -56,6 +57,28 @@ def rf_box(info, h, w, img_size):
         return max(int(c - rf / 2), 0), min(int(c + rf / 2), img_size)
 
     return [*span(h), *span(w)]
+
+
+def border_cells(H, W, device=None):
+    """(H, W) bool, True on the cells of the grid's outer ring: h in {0, H-1} or w in {0, W-1}."""
+    ring = torch.ones(H, W, dtype=torch.bool, device=device)
+    ring[1:H - 1, 1:W - 1] = False
+    return ring
+
+
+def has_inner_cells(H, W):
+    """Whether an H x W grid has cells off its border (at least 3 x 3): push_exclude_border
+    excludes nothing on a smaller grid (push_prototypes says so)."""
+    return H >= 3 and W >= 3
+
+
+def push_cells(H, W, exclude_border, device=None):
+    """(H, W) bool, True on the cells the push may pick a word's patch from: all of them, or
+    with `exclude_border` (setting push_exclude_border) the cells off the outer ring, on a grid
+    that has such cells (has_inner_cells)."""
+    if exclude_border and has_inner_cells(H, W):
+        return ~border_cells(H, W, device)
+    return torch.ones(H, W, dtype=torch.bool, device=device)
 
 
 def main(argv=None):

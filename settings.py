@@ -15,6 +15,7 @@ dataset = 'toy'  # pets | dogs | awa2 | flowers | stl10 | food101 | toy
 # ---- model ------------------------------------------------------------------------------------
 base_architecture = 'resnet34'      # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
 pretrained = True                   # start the backbone from ImageNet weights if a local file has them
+backbone_padding = 'zeros'          # 'zeros' (torchvision's) | 'reflect' | 'replicate': how the backbone's convolutions pad
 img_size = 224                      # images are resized to img_size x img_size (aspect not kept)
 prototype_shape = (185, 128, 1, 1)  # (words P, word channels D, 1, 1): 5 words per class
 num_classes = 37
@@ -55,6 +56,8 @@ push_unique = False            # True: every word pushed onto its own patch (gre
 push_exclude_border = False    # True: the grid's outer ring of cells is left out of the push search (on 3 x 3 or more)
 diversity_coef = 0             # > 0 adds coef * mean_{i<j} relu(cos(p_i, p_j) - diversity_margin)^2
 diversity_margin = 0.5
+word_anchor_coef = 0           # > 0 adds coef * mean_p min_{i, cell} d[i, p, cell]: every word near a patch of the batch
+                               # (over the cells the push may pick)
 
 # ---- schedule ---------------------------------------------------------------------------------
 num_train_epochs = 201

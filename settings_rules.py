@@ -56,11 +56,13 @@ RULES = {
     # words shared across classes
     'lvw_variant': _text(),  # a key of settings.variants: config.resolve_settings checks it
     'last_layer_init': _choice('classwise', 'zero'),
+    'backbone_padding': _choice('zeros', 'reflect', 'replicate'),
     'last_layer_joint_lr': _number(0, above=True, none=True),
     'push_unique': _bool,
     'push_exclude_border': _bool,
     'diversity_coef': _number(0),
     'diversity_margin': _number(-1, 1),
+    'word_anchor_coef': _number(0),
     # schedule
     'num_train_epochs': _int(1),
     'num_warm_epochs': _int(0),

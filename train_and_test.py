@@ -10,7 +10,8 @@ with, for min distances d_min (B, P), labels y, class identity I (P, C) and last
               Separation = mean_i (D - max_{p not of class y_i} (D - d_min[i, p]))
               L1 = sum |W * (1 - I^T)|                               (D = max_dist)
     Attn = mean over pixels of (A_i - G_i)^2, A_i the normalised top-k word map, G_i the Grad-CAM map.
-Setting diversity_coef > 0 adds diversity_coef * Diversity (word_diversity, off by default).
+Setting diversity_coef > 0 adds diversity_coef * Diversity (word_diversity), and word_anchor_coef > 0
+adds word_anchor_coef * Anchor (word_anchor) in the passes that train the words; both off by default.
 """
 import contextlib
 import copy
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 import distributed
 from image_data import normalize
+from receptive_field import push_cells
 
 METRIC_NAMES = ('cross_entropy', 'cluster', 'separation', 'attention', 'accuracy', 'l1', 'p_dist_pair')
 
@@ -63,6 +65,16 @@ def word_diversity(prototypes, margin):
     cosine = (p @ p.t()) / (norms[:, None] * norms[None, :]).clamp(min=1e-8)
     i, j = torch.triu_indices(p.shape[0], p.shape[0], offset=1, device=p.device)
     return F.relu(cosine[i, j] - margin).pow(2).mean()
+
+
+def word_anchor(distances, cells=None):
+    """Every word near some patch of the batch (Li et al. 2018's R1 regulariser, the converse of
+    the cluster cost): mean over words p of min over images i and cells (h, w) of d[i, p, h, w],
+    the cells limited to `cells` ((H, W) bool, the ones the push may pick; None: all), so a word
+    never drifts far from every patch it could be pushed onto. distances (B, P, H, W) -> scalar."""
+    if cells is not None:
+        distances = distances[:, :, cells]
+    return distances.transpose(0, 1).reshape(distances.shape[1], -1).amin(dim=1).mean()
 
 
 def word_attention_map(similarity_maps, min_distances, k, size, interpolation='bilinear', normalisation='max'):
@@ -182,12 +194,17 @@ def batch_losses(out, labels, gradcam, net, s, use_attention, collect=None):
             collect.setdefault('attention', []).append(per_image_attention(word_map, gradcam).detach())
     if collect is not None:
         collect.setdefault('min_distances', []).append(out.min_distances.detach())
-    return combine_losses(out.logits, out.min_distances, labels, attention, net, s, use_attention)
+    anchor = None
+    # a term on the words, left out where they are frozen (the last-layer passes, cached or not)
+    if s.get('word_anchor_coef') and net.prototype_vectors.requires_grad:
+        H, W = out.distances.shape[2:]
+        anchor = word_anchor(out.distances, push_cells(H, W, s['push_exclude_border'], out.distances.device))
+    return combine_losses(out.logits, out.min_distances, labels, attention, net, s, use_attention, anchor)
 
 
-def combine_losses(logits, min_distances, labels, attention, net, s, use_attention):
-    """The loss terms from the logits (B, C), min distances (B, P) and the attention term (a scalar
-    or None), and their weighted sum 'total' (module docstring)."""
+def combine_losses(logits, min_distances, labels, attention, net, s, use_attention, anchor=None):
+    """The loss terms from the logits (B, C), min distances (B, P), the attention term and the
+    word anchor (word_anchor; scalars or None), and their weighted sum 'total' (module docstring)."""
     identity = net.prototype_class_identity
     terms = {
         'cross_entropy': F.cross_entropy(logits, labels),
@@ -202,6 +219,9 @@ def combine_losses(logits, min_distances, labels, attention, net, s, use_attenti
     if s.get('diversity_coef'):
         terms['diversity'] = word_diversity(net.prototype_vectors, s['diversity_margin'])
         total = total + s['diversity_coef'] * terms['diversity']
+    if anchor is not None:
+        terms['anchor'] = anchor
+        total = total + s['word_anchor_coef'] * anchor
     if attention is not None:
         terms['attention'] = attention
         if use_attention and s['attention_weight']:
@@ -419,5 +439,7 @@ def format_metrics(m):
         parts.append('attn %.4f' % m['attention'])
     if 'diversity' in m:
         parts.append('diversity %.4f' % m['diversity'])
+    if 'anchor' in m:
+        parts.append('anchor %.4f' % m['anchor'])
     parts += ['acc %.2f%%' % (100 * m['accuracy']), 'l1 %.2f' % m['l1'], 'p dist pair %.4f' % m['p_dist_pair']]
     return ' | '.join(parts)

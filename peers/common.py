@@ -21,7 +21,7 @@ from model import ResNetFeatures, load_start_weights
 
 def make_trunk(s):
     """The same torchvision ResNet trunk as LVW's backbone (conv1 ... layer4, no pool, no fc)."""
-    return ResNetFeatures(s['base_architecture'])
+    return ResNetFeatures(s['base_architecture'], s.get('backbone_padding', 'zeros'))
 
 
 def start_trunk(model, s, weights=None, log=print):

@@ -94,6 +94,54 @@ def test_diversity_term_only_with_a_positive_coefficient():
     assert (more['total'] - plain['total']).item() == pytest.approx(2.0 * expected, rel=1e-5)
 
 
+def test_word_anchor_is_each_words_nearest_patch_by_brute_force():
+    torch.manual_seed(0)
+    d = torch.rand(3, 4, 4, 4)  # (B, P, H, W)
+    inner = ~push.border_cells(4, 4)
+    for cells in (None, inner):
+        nearest = []
+        for p in range(4):
+            best = math.inf
+            for i in range(3):
+                for h in range(4):
+                    for w in range(4):
+                        if cells is None or cells[h, w]:
+                            best = min(best, d[i, p, h, w].item())
+            nearest.append(best)
+        assert tnt.word_anchor(d, cells).item() == pytest.approx(sum(nearest) / 4, rel=1e-6)
+    # only the nearest patch of each word gets a gradient, 1 / P
+    x = d.clone().requires_grad_(True)
+    tnt.word_anchor(x, inner).backward()
+    assert (x.grad != 0).sum().item() == 4
+    assert x.grad.sum().item() == pytest.approx(1.0, rel=1e-6)
+    assert x.grad[:, :, push.border_cells(4, 4)].abs().sum().item() == 0
+
+
+def test_push_cells_are_what_the_push_searches():
+    assert push.push_cells(4, 4, False).all()
+    assert push.push_cells(4, 4, True).tolist() == (~push.border_cells(4, 4)).tolist()
+    assert push.push_cells(4, 4, True).sum().item() == 4
+    assert push.push_cells(2, 2, True).all()  # no inner cell: the push searches every cell
+
+
+def test_word_anchor_term_only_with_a_positive_coefficient_and_trainable_words():
+    torch.manual_seed(0)
+    net = LVWNet(ResNetFeatures('resnet18'), (3, 128, 1, 1), 3)
+    s = config.resolve_settings('toy', ['num_classes=3', 'prototype_shape=(3, 128, 1, 1)', 'topk=2'])
+    assert s['word_anchor_coef'] == 0
+    out = net(torch.rand(2, 3, 96, 96))  # a 3 x 3 grid
+    labels = torch.tensor([0, 1])
+    plain = tnt.batch_losses(out, labels, None, net, s, False)
+    assert 'anchor' not in plain
+    ringed = dict(s, word_anchor_coef=0.5, push_exclude_border=True)
+    anchored = tnt.batch_losses(out, labels, None, net, ringed, False)
+    expected = out.distances[:, :, 1, 1].amin(dim=0).mean().item()  # the one inner cell of a 3 x 3 grid
+    assert anchored['anchor'].item() == pytest.approx(expected, rel=1e-6)
+    assert (anchored['total'] - plain['total']).item() == pytest.approx(0.5 * expected, rel=1e-4)
+    tnt.last_only(net)  # frozen words: no anchor, as in the cached last-layer passes
+    assert 'anchor' not in tnt.batch_losses(out, labels, None, net, ringed, False)
+
+
 def _candidates(rows):
     """rows: per word a list of (distance, image, h, w), sorted -> a candidate dict (P, k)."""
     t = torch.tensor(rows, dtype=torch.float64)
@@ -215,6 +263,7 @@ def test_nearest_across_ranks_merges_candidates_in_single_process_order(monkeypa
     ('push_unique', '1', '-set push_unique: expected a value like False, got 1'),
     ('diversity_coef', '-1', 'setting diversity_coef must be'),
     ('diversity_margin', '2', 'setting diversity_margin must be'),
+    ('word_anchor_coef', '-0.1', 'setting word_anchor_coef must be'),
     ('last_layer_joint_lr', '0', 'setting last_layer_joint_lr must be None or a number > 0, got 0'),
 ])
 def test_bad_shared_word_settings_are_one_line_errors(name, value, message):
@@ -225,7 +274,7 @@ def test_bad_shared_word_settings_are_one_line_errors(name, value, message):
 def test_the_defaults_are_the_reference():
     s = config.resolve_settings('toy')
     assert (s['last_layer_init'], s['last_layer_joint_lr'], s['push_unique'], s['push_exclude_border'],
-            s['diversity_coef']) == ('classwise', None, False, False, 0)
+            s['diversity_coef'], s['word_anchor_coef']) == ('classwise', None, False, False, 0, 0)
     np.testing.assert_equal(push.border_cells(3, 3).numpy(), ~np.pad(np.ones((1, 1), bool), 1))
 
 
@@ -241,3 +290,44 @@ def test_the_shared_variant_sets_its_values_and_the_command_line_still_wins():
     assert reference == config.resolve_settings('toy', ['lvw_variant="reference"'])
     with pytest.raises(config.UserError, match="setting lvw_variant must be one of 'reference', 'shared', got 'x'"):
         config.resolve_settings('toy', ['lvw_variant="x"'])
+
+
+def test_backbone_padding_pads_by_reflection_and_zeros_is_the_default():
+    import torch.nn as nn
+    import finetune_backbone
+    from model import set_padding_mode
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.rand(1, 2, 5, 5)
+    zero = conv(x)
+    set_padding_mode(conv, 'reflect')
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode='reflect'),
+                                          conv.weight, conv.bias)
+    assert torch.allclose(conv(x), expected, atol=1e-6)
+    assert torch.allclose(conv(x)[..., 1:-1, 1:-1], zero[..., 1:-1, 1:-1], atol=1e-6)  # inner outputs alike
+    assert not torch.allclose(conv(x)[..., 0, :], zero[..., 0, :], atol=1e-3)
+    s = config.resolve_settings('toy', ['pretrained=False'])
+    assert s['backbone_padding'] == 'zeros'
+
+    def modes(module):
+        return {m.padding_mode for m in module.modules() if isinstance(m, nn.Conv2d) and m.padding != (0, 0)}
+    assert modes(build_model(s, log=lambda *_: None).features) == {'zeros'}
+    assert modes(build_model(dict(s, backbone_padding='reflect'), log=lambda *_: None).features) == {'reflect'}
+    assert modes(finetune_backbone.make_base_model('resnet18', 3, 'replicate')) == {'replicate'}
+    assert modes(finetune_backbone.make_base_model('resnet18', 3)) == {'zeros'}
+    with pytest.raises(config.UserError, match="setting backbone_padding must be one of"):
+        config.resolve_settings('toy', ["backbone_padding='circular'"])
+
+
+def test_a_base_model_reloads_with_the_padding_it_was_trained_with(tmp_path):
+    import torch.nn as nn
+    import finetune_backbone
+    from checkpoint import save_checkpoint
+    s = config.resolve_settings('toy', ["backbone_padding='reflect'"])
+    torch.manual_seed(0)
+    model = finetune_backbone.make_base_model('resnet18', 3, 'reflect').eval()
+    path = save_checkpoint(model, str(tmp_path / 'base.pth'), s, ['a', 'b', 'c'], arch='resnet18', img_size=64)
+    loaded, _ = finetune_backbone.load_base_model(path)
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(loaded(x), model(x), atol=1e-5)
+    assert {m.padding_mode for m in loaded.modules() if isinstance(m, nn.Conv2d) and m.padding != (0, 0)} == {'reflect'}
