@@ -157,11 +157,11 @@ def first_push_report(seeds, names):
     labels.update({'lvw_double': 'faithful LVW (reference flip)',
                    'lvw_shared': 'settings.variants["shared"] = %s' % settings.variants['shared']})
     md = ['# The first push (epoch %d), per seed' % epoch, '',
-          'Made by `python results/probes/shared_words_ablation.py -first_push -seeds %s %s` from the runs of '
+          'Made by `python results/probes/shared_words_ablation.py %s -first_push -seeds %s` from the runs of '
           '`benchmark.py` and of this script, all with OMP_NUM_THREADS=1. "moved": the squared distance from each '
           'word to the patch the push puts it on; "pairwise": the mean pairwise squared word distance '
           '(train_and_test.mean_pairwise_word_distance) before and after the push; accuracies on the test set.'
-          % (' '.join(map(str, seeds)), ' '.join(names)), '',
+          % (' '.join(names), ' '.join(map(str, seeds))), '',
           '| %s |' % ' | '.join(header), '|%s' % ('---|' * len(header)), *rows, '',
           *['* %s: %s' % (n, label) for n, label in labels.items()], '']
     out = os.path.join('results', 'shared_words', 'first_push')
