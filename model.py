@@ -55,9 +55,6 @@ def linear_similarity(d, max_dist):
 
 # ---- backbone ---------------------------------------------------------------------------------
 
-PADDING_MODES = ('zeros', 'reflect', 'replicate')
-
-
 def set_padding_mode(module, mode):
     """Every Conv2d of `module` that pads pads with `mode` (setting backbone_padding: 'zeros', the
     torchvision default, 'reflect' or 'replicate'); the weights are untouched. Returns `module`."""
