@@ -59,13 +59,9 @@ def set_padding_mode(module, mode):
     """Every Conv2d of `module` that pads pads with `mode` (setting backbone_padding: 'zeros', the
     torchvision default, 'reflect' or 'replicate'); the weights are untouched. Returns `module`."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d) and any(p > 0 for p in _pairs(m.padding)):
+        if isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple) and any(m.padding):
             m.padding_mode = mode
     return module
-
-
-def _pairs(padding):
-    return padding if isinstance(padding, (tuple, list)) else (padding,)
 
 
 class ResNetFeatures(nn.Module):

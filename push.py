@@ -70,14 +70,14 @@ def nearest_patches(model, loader, device, class_specific, keep_features=False, 
                 feature_indices.append(indices)
             B, _, H, W = d.shape
             if best is None:
-                exclude_border = exclude_border and has_inner_cells(H, W)
+                off_limits = ~push_cells(H, W, exclude_border, device)  # (H, W), all False unless excluded
                 best = empty_candidates(P, keep, z.shape[1], H, W, device)
             search = d
             if class_specific:
                 own = labels[:, None] == word_class[None, :]   # (B, P)
                 search = search.masked_fill(~own[:, :, None, None], float('inf'))
-            if exclude_border:
-                search = search.masked_fill(~push_cells(H, W, True, device), float('inf'))
+            if off_limits.any():
+                search = search.masked_fill(off_limits, float('inf'))
             # stable: equal distances keep (b, h, w) order, the loader's order
             values, flat = search.transpose(0, 1).reshape(P, -1).sort(dim=1, stable=True)
             values, flat = values[:, :keep], flat[:, :keep]     # (P, k), index into (B, H, W)

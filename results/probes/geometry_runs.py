@@ -18,7 +18,6 @@ rows read from the benchmark's own run (saved_models/benchmark/) where it has th
 Run from the repository root; px224 takes about 4 x a 112 px run.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -108,10 +107,8 @@ def report(seed, methods):
           'its own base model). "Words on border cells": the share of words whose nearest training patch (what '
           'a push picks) is on the grid\'s outer ring, beside that ring\'s share of the grid.', '', *lines, '']
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT % seed + '.md', 'w') as f:
-        f.write('\n'.join(md))
-    with open(OUT % seed + '.json', 'w') as f:
-        json.dump(table, f, indent=1)
+    config.save_json(table, OUT % seed + '.json')
+    config.atomic_write(OUT % seed + '.md', lambda f: f.write('\n'.join(md)))
     print('\n'.join(md))
 
 

@@ -50,8 +50,6 @@ VARIANTS = {
                                        'diversity_coef=1', 'diversity_margin=0.8', 'word_anchor_coef=0.8']),
     'xo': ('as xi, word anchor 0.1', [FLIP, *SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01',
                                        'diversity_coef=1', 'diversity_margin=0.8', 'word_anchor_coef=0.1']),
-    'xn': ('as xi, word anchor 0.8, no diversity', [FLIP, *SHARED, 'last_layer_joint_lr=0.05',
-                                                     'last_layer_optimizer_lr=0.01', 'word_anchor_coef=0.8']),
     'xj': ('zero W, W at 0.05, last-layer lr 0.01, unique push (border cells allowed)',
            [FLIP, *SHARED, 'last_layer_joint_lr=0.05', 'last_layer_optimizer_lr=0.01', 'push_exclude_border=False']),
 }
@@ -133,6 +131,10 @@ def first_push_report(seeds, names):
     import settings
     epoch = benchmark.FULL['push_epochs'][0]
     rows, table = [], {}
+
+    def fmt(value, form='%.3f'):
+        return 'n/a' if value is None else form % value
+
     header = ['seed', 'model', 'moved (mean / max)', 'pairwise before -> after', 'acc before / after push / after last layer',
               'final acc', 'base acc', 'classes/word', 'distinct', 'top cells on object', 'IoU']
     for seed in seeds:
@@ -145,7 +147,6 @@ def first_push_report(seeds, names):
             folder = config.run_dir(dict(plan.s, experiment_run=plan.run_name(seed, name)))
             push_stats = first_push(os.path.join(folder, 'train.log'), epoch)
             table['%d/%s' % (seed, name)] = {**values, 'first_push': push_stats, 'base_accuracy': base.get('accuracy')}
-            fmt = (lambda v, f='%.3f': 'n/a' if v is None else f % v)
             p = push_stats or {}
             rows.append('| %d | %s | %s / %s | %s -> %s | %s / %s / %s | %s | %s | %s | %s | %s | %s |' % (
                 seed, name, fmt(p.get('moved_mean'), '%.2f'), fmt(p.get('moved_max'), '%.2f'),
