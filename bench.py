@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torchvision
 
-import config
 import main as lvw_main
-from eval_iou import map_iou
-from image_data import image_folder, normalize
+from data.image_data import image_folder, normalize
+from metrics.iou import map_iou
 from model import LVWNet, ResNetFeatures, squared_distances
 from push import nearest_patches
+from run import config
 from train_and_test import amp_context, batch_losses, word_attention_map
 
 

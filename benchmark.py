@@ -25,8 +25,6 @@ import time
 
 import numpy as np
 
-import config
-import distributed
 import eval_metrics
 import finetune_backbone
 import gradcam_extract
@@ -34,6 +32,7 @@ import main as lvw_main
 import peers
 import train_peer
 from data import make_toy
+from run import config, distributed
 
 # The LVW schedule: the toy preset's 2 warm epochs and StepLR(5), 11 epochs with pushes at 5 and 10,
 # each followed by 20 last-layer passes (the reference's count) on the cached similarities. Under
@@ -78,7 +77,7 @@ METRICS = {
     'image_classes_per_word': ("true classes among a word's top images", '', 'words'),
     'top_locations_on_object': ("share of words' top locations on the object", 'higher', 'words'),
     'part_purity': ('part purity of words (background is a category)', '', 'words'),
-    # the fair rules (README, "The words"): the latent cell a word (or a map's argmax) points at
+    # the fair rules (docs/shared_words.md): the latent cell a word (or a map's argmax) points at
     'top_cells_on_object': ("top cells on the object (words: top locations; maps: argmax cell)", 'higher', 'cells'),
     'top_cells_near_object': ('top cells within the pointing tolerance of the object', 'higher', 'cells'),
     'distinct_words': ('distinct word vectors (of P)', '', 'cells'),
@@ -104,7 +103,7 @@ CLAIMS = (
         ('accuracy', 'lvw_double', 'base', 'noninferior'),
         ('accuracy', 'lvw_double', 'protopnet', 'noninferior'),
         ('accuracy', 'lvw_joint', 'base', 'noninferior')]),
-    # not the paper's: the variant of settings.variants['shared'] against faithful LVW (README, "The words")
+    # not the paper's: the variant of settings.variants['shared'] against faithful LVW (docs/shared_words.md)
     ('"LVW, shared" makes the words shared and puts them on the object, at little cost in accuracy', [
         ('classes_per_word', 'lvw_shared', 'lvw_double', 'greater'),
         ('top_cells_on_object', 'lvw_shared', 'lvw_double', 'greater'),

@@ -21,7 +21,6 @@ import argparse
 import os
 import time
 
-import config
 import eval_iou
 import eval_metrics
 import finetune_backbone
@@ -29,6 +28,8 @@ import gradcam_extract
 import main as lvw_main
 import train_peer
 from data import make_toy
+from metrics import scoring
+from run import config
 
 
 def run_lvw(name, base_model, extra_set, log):
@@ -109,7 +110,7 @@ def main(argv=None):
         print('  %-9s test accuracy %.4f%s' % (name, r['accuracy'], iou))
     if table is not None:
         print()
-        print(eval_metrics.to_markdown(table).split('\n\n')[1])
+        print(scoring.to_markdown(table).split('\n\n')[1])
     print('  wall time %.0fs' % results['wall_seconds'])
     return results
 

@@ -20,33 +20,12 @@ import os
 import torch
 from tqdm import tqdm
 
-import config
-import distributed
-from checkpoint import load_checkpoint, model_from_checkpoint, require_kind
-from image_data import ImageDataset, check_same_classes, make_loader, normalize
+from data.image_data import ImageDataset, check_same_classes, make_loader, normalize
+from metrics.iou import map_iou
+from model import model_from_checkpoint
+from run import config, distributed
+from run.checkpoint import load_checkpoint, require_kind
 from train_and_test import word_attention_map
-
-
-def percentile_masks(maps, thr, region='low', chunk=256):
-    """Binarise each map at its own thr-th percentile q (linear interpolation, as np.percentile).
-    maps: (B, H, W) -> bool (B, H, W); low: value <= q, top: value > q (its complement)."""
-    flat = maps.flatten(1).float()
-    # torch.quantile takes at most 2**24 elements at a time
-    q = torch.cat([torch.quantile(part, thr / 100.0, dim=1) for part in flat.split(chunk)])
-    low = flat <= q[:, None]
-    return (low if region == 'low' else ~low).view(maps.shape)
-
-
-def mask_iou(a, b, eps=1e-6):
-    """(|a & b| + eps) / (|a | b| + eps) per image; a, b: bool (B, H, W) -> (B,)."""
-    inter = (a & b).flatten(1).sum(1).double()
-    union = (a | b).flatten(1).sum(1).double()
-    return (inter + eps) / (union + eps)
-
-
-def map_iou(model_maps, gradcam_maps, thr, region='low'):
-    """IoU of the binarised maps, per image."""
-    return mask_iou(percentile_masks(model_maps, thr, region), percentile_masks(gradcam_maps, thr, region))
 
 
 def evaluate_iou(model, loader, device, s, thr, region='low'):

@@ -21,12 +21,10 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-import config
-import distributed
-import run_state
-from checkpoint import load_checkpoint, load_weights, require_kind, save_checkpoint
-from image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
+from data.image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
 from model import RESNETS, load_start_weights, set_padding_mode
+from run import config, distributed, run_state
+from run.checkpoint import load_checkpoint, load_weights, require_kind, save_checkpoint
 
 
 def default_base_model_path(s):

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import config
-import distributed
-from finetune_backbone import default_base_model_path, load_base_model
-from image_data import (ImageDataset, MapChecksum, check_same_classes, checksum_line, make_loader, normalize,
+from data.image_data import (ImageDataset, MapChecksum, check_same_classes, checksum_line, make_loader, normalize,
                         sidecar_path)
+from finetune_backbone import default_base_model_path, load_base_model
+from run import config, distributed
 
 
 def layer4_and_logits(model, x):

@@ -23,19 +23,20 @@ import os
 import numpy as np
 import torch
 
-import config
-import visualize as vis
-from checkpoint import load_checkpoint, model_from_checkpoint, require_kind
-from image_data import image_folder, load_image, load_npy, normalize
+from data.image_data import image_folder, load_image, load_npy, normalize
+from figures import drawing, gallery, run_report
+from model import model_from_checkpoint
 from push import high_activation_boxes, jet_overlay
+from run import config
+from run.checkpoint import load_checkpoint, require_kind
 from train_and_test import word_attention_map
 
 
 def source_of_words(run_dir, ckpt, ckpt_path, s):
     """Where each word comes from: {'folder', 'note', 'bb' (P, 6) or None, 'paths' (train image paths
     by index, or None)}."""
-    epoch, kind = vis.checkpoint_info(ckpt, ckpt_path)
-    folder, note = vis.word_source_folder(run_dir, epoch, kind)
+    epoch, kind = run_report.checkpoint_info(ckpt, ckpt_path)
+    folder, note = gallery.word_source_folder(run_dir, epoch, kind)
     bb, paths = None, None
     if folder is not None:
         bb = load_npy(os.path.join(folder, 'bb%d.npy' % epoch), 'push boxes', ndim=2, columns=6)
@@ -81,7 +82,7 @@ def true_class(path, class_names):
 def result_json(path, ckpt_path, r, class_names, source, topk, s):
     pred = r['pred']
     logit = float(r['logits'][pred])
-    users = vis.word_users(r['weight'])
+    users = gallery.word_users(r['weight'])
     all_contributions = r['weight'][pred] * r['similarities']
     evidence = float(all_contributions.abs().sum())
     label = true_class(path, class_names)
@@ -149,8 +150,8 @@ def draw_analysis(image, r, info, class_names, out_path, tile=112):
     """The picture: a header (image, word map, prediction) and one row per top-k word
     (map on the image | source patch | source image | numbers). Returns its size (w, h)."""
     from PIL import Image, ImageDraw
-    font, bold, big = vis._font(12), vis._font(13), vis._font(17)
-    short = vis.short_class_names(class_names, 28)
+    font, bold, big = drawing.get_font(12), drawing.get_font(13), drawing.get_font(17)
+    short = gallery.short_class_names(class_names, 28)
     S = image.shape[-1]
     img = image.permute(1, 2, 0).numpy()
     pad, head_tile = 8, 2 * tile // 1
@@ -172,17 +173,17 @@ def draw_analysis(image, r, info, class_names, out_path, tile=112):
     avail = width - x - pad
     pred = info['prediction']
     y = pad
-    draw.text((x, y), vis._fit(os.path.basename(info['image']), bold, avail), fill=(0, 0, 0), font=bold)
+    draw.text((x, y), drawing.fit_text(os.path.basename(info['image']), bold, avail), fill=(0, 0, 0), font=bold)
     y += 20
     for line in _wrap('prediction: %s' % class_names[pred['index']], big, avail)[:2]:
-        draw.text((x, y), vis._fit(line, big, avail), fill=(0, 0, 0), font=big)
+        draw.text((x, y), drawing.fit_text(line, big, avail), fill=(0, 0, 0), font=big)
         y += 22
     y += 2
     verdict = ''
     if info['true_class'] is not None:
         verdict = '; %s true class: %s' % ('correct,' if info['correct'] else 'WRONG,', info['true_class']['name'])
     colour = (0, 0, 0) if info['true_class'] is None else (0, 120, 0) if info['correct'] else (180, 0, 0)
-    draw.text((x, y), vis._fit('probability %.3f%s' % (pred['probability'], verdict), font, avail), fill=colour, font=font)
+    draw.text((x, y), drawing.fit_text('probability %.3f%s' % (pred['probability'], verdict), font, avail), fill=colour, font=font)
     y += 17
     others = ', '.join('%s %.3f' % (short[c['index']], c['probability']) for c in info['top_classes'][1:4])
     for line in _wrap('next: ' + others, font, avail)[:2]:
@@ -214,18 +215,18 @@ def draw_analysis(image, r, info, class_names, out_path, tile=112):
         heat = _to_image(jet_overlay(img, r['maps_up'][i].numpy())).resize((tile, tile), Image.BICUBIC)
         cx = 60 + pad
         canvas.paste(heat, (cx, top))
-        vis._draw_box(draw, w['activation_box'], tile / S, (cx, top))
+        drawing.draw_box(draw, w['activation_box'], tile / S, (cx, top))
         src = w['source']
         if src is not None:
-            crop, _ = vis._thumbnail(src['patch_png'], tile)
-            over, scale = vis._thumbnail(src['source_overlay_png'], tile)
+            crop, _ = drawing.load_thumbnail(src['patch_png'], tile)
+            over, scale = drawing.load_thumbnail(src['source_overlay_png'], tile)
         else:
             crop = over = None
         reason = 'not a patch:\nnopush\ncheckpoint' if info['kind'] == 'nopush' else 'no push\npicture'
-        canvas.paste(crop or vis._placeholder(tile, reason, font), (cx + tile + pad, top))
-        canvas.paste(over or vis._placeholder(tile, reason, font), (cx + 2 * (tile + pad), top))
+        canvas.paste(crop or drawing.placeholder_tile(tile, reason, font), (cx + tile + pad, top))
+        canvas.paste(over or drawing.placeholder_tile(tile, reason, font), (cx + 2 * (tile + pad), top))
         if over is not None:
-            vis._draw_box(draw, src['box'], scale, (cx + 2 * (tile + pad), top))
+            drawing.draw_box(draw, src['box'], scale, (cx + 2 * (tile + pad), top))
         tx = cx + 3 * (tile + pad)
         lines = ['similarity %.3f  (distance %.4f)' % (w['similarity'], w['min_distance']),
                  'weight W[pred, word] %+.3f' % w['weight'],
@@ -233,8 +234,8 @@ def draw_analysis(image, r, info, class_names, out_path, tile=112):
                      w['contribution'], 'n/a' if w['share_of_evidence'] is None else '%+.0f%%' % (100 * w['share_of_evidence'])),
                  None,
                  ('source: %s' % src['class']) if src else 'source: -',
-                 vis._wrap_names('used by %d: ' % len(w['classes_using_word']),
-                                 vis.short_class_names(w['classes_using_word'],
+                 drawing.wrap_names('used by %d: ' % len(w['classes_using_word']),
+                                 gallery.short_class_names(w['classes_using_word'],
                                                        40 if len(w['classes_using_word']) == 1 else 16),
                                  font, text_w, 1)[0]
                  if w['classes_using_word'] else 'used by no class']
@@ -246,7 +247,7 @@ def draw_analysis(image, r, info, class_names, out_path, tile=112):
                 draw.rectangle([tx, ty + 2, tx + max(bar, 1), ty + 10], fill=colour)
                 ty += 14
                 continue
-            draw.text((tx, ty), vis._fit(line, font, text_w), fill=(0, 0, 0), font=font)
+            draw.text((tx, ty), drawing.fit_text(line, font, text_w), fill=(0, 0, 0), font=font)
             ty += 16
         draw.line([(pad, top + row_h - pad // 2), (width - pad, top + row_h - pad // 2)], fill=(230, 230, 230))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

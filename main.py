@@ -10,8 +10,8 @@ saved_models/<arch>/<experiment_run>/ as <epoch>nopush<acc>.pth, <epoch>push<acc
 
 Every input (settings, maps, images, weights) is checked before the run folder is touched.
 After each pass, <run>/last.pth holds everything needed to continue: the same command with
--resume picks up after the last finished pass (run_state.py). -overwrite moves an old run aside.
-`torchrun --nproc_per_node N main.py ...` trains on N processes (distributed.py); rank 0 writes.
+-resume picks up after the last finished pass (run/run_state.py). -overwrite moves an old run aside.
+`torchrun --nproc_per_node N main.py ...` trains on N processes (run/distributed.py); rank 0 writes.
 """
 import argparse
 import functools
@@ -21,16 +21,14 @@ import types
 
 import torch
 
-import config
-import distributed
 import push
-import run_state
 import train_and_test as tnt
-import visualize
-from checkpoint import CheckpointKeeper, checkpoint_name
-from image_data import FlipDraws, ImageDataset, check_images, check_same_classes, make_loader, read_sidecar_file
+from data.image_data import FlipDraws, ImageDataset, check_images, check_same_classes, make_loader, read_sidecar_file
+from figures import gallery, run_report
 from model import build_model
 from receptive_field import layer_specs, word_layer_rf_info
+from run import config, distributed, run_state
+from run.checkpoint import CheckpointKeeper, checkpoint_name
 
 CSV_FIELDS = ('epoch', 'phase', 'split', 'iteration', 'time', 'cross_entropy', 'cluster', 'separation',
               'attention', 'accuracy', 'l1', 'p_dist_pair', 'lr_features')
@@ -213,7 +211,7 @@ def train(run, s, folder, device, log=print, state=None):
             record(epoch, 'last', 'train', metrics, iteration)
             final = save('last', epoch, test(epoch, 'last', iteration), iteration)
         if kind != 'warm' and kind != 'joint' and not next_is_last and writes:
-            visualize.write_push_pictures(img_dir, net.last_layer.weight, run.classes, epoch, log=log)
+            gallery.write_push_pictures(img_dir, net.last_layer.weight, run.classes, epoch, log=log)
         phase_seconds[kind] = round(phase_seconds.get(kind, 0.0) + time.time() - pass_start, 3)
         if writes:
             run_state.save_state(run_state.state_path(folder), index + 1, run.modules, keep, log,
@@ -231,7 +229,7 @@ def train(run, s, folder, device, log=print, state=None):
     if not writes:
         return summary
     run_state.finish_run(folder, summary)
-    visualize.write_run_report(folder, log=log)
+    run_report.write_run_report(folder, log=log)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
     return summary

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from checkpoint import checkpoint_kind, describe_kind, torch_load
-from config import UserError
+from run.checkpoint import checkpoint_kind, checkpoint_settings, describe_kind, load_weights, torch_load
+from run.config import UserError
 
 RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
 # File names of the ImageNet weights in the reference code's cache (./pretrained_models), which
@@ -260,3 +260,11 @@ def build_model(s, weights=None, log=print):
     return LVWNet(features, s['prototype_shape'], s['num_classes'], s['prototype_activation_function'],
                   s['add_on_layers_type'], s['incorrect_class_connection'], s['epsilon'],
                   s.get('last_layer_init', 'classwise'))
+
+
+def model_from_checkpoint(ckpt, device='cpu', overrides=None, path='the checkpoint'):
+    """Rebuild the LVW network from what the checkpoint stores (not from the current settings.py)."""
+    s = checkpoint_settings(ckpt, overrides)
+    model = build_model(dict(s, pretrained=False), log=lambda *_: None)
+    load_weights(model, ckpt, path)
+    return model.to(device).eval(), s

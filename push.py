@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import distributed
-from image_data import normalize
+from data.image_data import normalize
 from model import squared_distances
 from receptive_field import border_cells, has_inner_cells, push_cells, rf_box  # noqa: F401 (push.border_cells)
+from run import distributed
 from train_and_test import amp_context, mean_pairwise_word_distance
 
 

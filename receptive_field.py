@@ -92,5 +92,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    from config import run_cli
+    from run.config import run_cli
     run_cli(main)

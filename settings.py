@@ -47,7 +47,7 @@ attention_weight = 10          # weight of the attention-alignment MSE (0 turns 
 topk = 10                      # words whose maps make the model's attention map
 class_specific = False         # False: LVW (shared words); True: ProtoPNet costs, L1 mask and push
 
-# ---- words shared across classes (README, "The words"); the defaults are the reference's ------
+# ---- words shared across classes (docs/shared_words.md); the defaults are the reference's ------
 lvw_variant = 'reference'      # 'reference' | 'shared': applies variants[lvw_variant] below (before -set items)
 last_layer_init = 'classwise'  # 'classwise': +1 own class, incorrect_class_connection elsewhere; 'zero': W = 0
 last_layer_joint_lr = None     # a number: the warm and joint phases also train W, at this lr (None: W only
@@ -72,14 +72,14 @@ frozen_bn_eval = False         # True: the backbone's BatchNorm in eval mode in 
 last_layer_cache = False       # True: last-layer passes on similarities computed once per push (implies frozen_bn_eval)
 seed = 0
 
-# ---- speed and scale (README, "Speed and scale") ----------------------------------------------
+# ---- speed and scale (docs/speed.md) ----------------------------------------------
 amp = None                     # None (float32) | 'bf16' | 'fp16' (with a GradScaler): autocast of the backbone and
                                # add-on layers; distances, similarities, losses and the attention map stay float32
 channels_last = False          # the backbone in channels-last memory format (faster convolutions on recent GPUs)
 persistent_workers = False     # keep loader workers between passes (faster starts; a resumed run then draws other flips)
 sync_batchnorm = False         # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
-# ---- attention maps (see README, "Deliberate deviations") -------------------------------------
+# ---- attention maps (docs/deviations.md) -------------------------------------
 attention_flip = 'joint'       # 'joint': image and map flipped together once; 'double': reference
 train_map_interpolation = 'bilinear'   # word maps -> image size in the attention loss
 train_map_normalisation = 'max'        # divide by (max + 1e-5)
@@ -93,7 +93,7 @@ finetune_lr = 1e-4             # Adam; the new head uses 10x this
 finetune_batch_size = 64
 gradcam_target = 'pred'        # 'pred': explain the predicted class; 'label': the true class
 
-# ---- peer methods: train_peer.py (see ../shared/PEERS_SPEC.md and the README) ----------------
+# ---- peer methods: train_peer.py (see ../shared/PEERS_SPEC.md and docs/peers.md) ----------------
 # Each peer starts its ResNet trunk as LVW does (-weights, or ImageNet weights), with its own head.
 # <m>_optimizer: 'adamw' or 'sgd' (momentum 0.9); lr x <m>_gamma at each epoch of <m>_milestones.
 peer_run = None                # run folder name; None: '<dataset>_<method>' (scouter_plus, gc, ...)
@@ -136,7 +136,7 @@ lfi_batch_size = 256
 # ---- method variants, applied over the dataset's values (setting lvw_variant) ----------------
 variants = {
     'reference': {},  # LVW as the reference code trains it
-    # words free to serve any class and each on its own patch (README, "The words")
+    # words free to serve any class and each on its own patch (docs/shared_words.md)
     # (variant xi of results/shared_words/ablation_seed0.md)
     'shared': {'last_layer_init': 'zero', 'last_layer_joint_lr': 0.05, 'last_layer_optimizer_lr': 0.01,
                'push_unique': True, 'push_exclude_border': True, 'diversity_coef': 1, 'diversity_margin': 0.8},
@@ -163,7 +163,7 @@ presets = {
             'num_train_epochs': 7, 'num_warm_epochs': 2, 'push_start': 3, 'push_epochs': [3, 6],
             'joint_lr_step_size': 5, 'last_layer_iterations': 3, 'save_threshold': 0.0, 'keep_checkpoints': 2,
             'finetune_epochs': 5, 'finetune_lr': 1e-3, 'finetune_batch_size': 32,
-            # the peers' recipes scaled to a few CPU epochs (README, "Peers")
+            # the peers' recipes scaled to a few CPU epochs (docs/peers.md)
             'scouter_batch_size': 8, 'scouter_epochs': 8, 'scouter_milestones': [6],
             'gc_batch_size': 32, 'gc_epochs': 4, 'gc_milestones': [3],
             'lfi_batch_size': 32, 'lfi_conv1_stride': 2, 'lfi_lr': 1e-3, 'lfi_epochs': 5, 'lfi_milestones': [4]},

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import distributed
-from image_data import normalize
+from data.image_data import normalize
 from receptive_field import push_cells
+from run import distributed
 
 METRIC_NAMES = ('cross_entropy', 'cluster', 'separation', 'attention', 'accuracy', 'l1', 'p_dist_pair')
 
@@ -252,7 +252,7 @@ def train_or_test(model, loader, device, s, optimizer=None, use_attention=False,
     model.train(training)
     if training and frozen_bn:
         freeze_batchnorm(net.features)
-    # under torchrun: this rank's slice of each global batch, and its weight (distributed.py)
+    # under torchrun: this rank's slice of each global batch, and its weight (run/distributed.py)
     slices = loader.batch_sampler if isinstance(loader.batch_sampler, distributed.GlobalBatchSlices) else None
     sums, n_batches, correct, seen = {}, 0, 0, 0
     start = time.time()

@@ -20,14 +20,12 @@ import types
 import torch
 from tqdm import tqdm
 
-import config
-import distributed
 import peers
-import run_state
-from checkpoint import CheckpointKeeper, checkpoint_name
+from data.image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
 from finetune_backbone import evaluate
-from image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
 from peers import common
+from run import config, distributed, run_state
+from run.checkpoint import CheckpointKeeper, checkpoint_name
 
 CSV_FIELDS = ('epoch', 'split', 'time', 'total', 'cross_entropy', 'area', 'consistency', 'accuracy', 'lr')
 

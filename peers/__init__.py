@@ -21,7 +21,7 @@ MAP_DESCRIPTIONS = {
 
 def method_module(method):
     """The module implementing `method` (one of METHODS)."""
-    from config import UserError
+    from run.config import UserError
     if method not in METHODS:
         raise UserError('unknown peer method %r (choose from %s)' % (method, ', '.join(METHODS)))
     return importlib.import_module('peers.' + METHODS[method])
@@ -39,7 +39,7 @@ def is_peer_checkpoint(ckpt):
 def peer_from_checkpoint(ckpt, device='cpu', path='the checkpoint', script='this script'):
     """(model in eval mode, its settings, its method) from a checkpoint written by train_peer.py;
     a checkpoint of another kind, or one whose weights do not fit, is one UserError line naming `path`."""
-    from checkpoint import checkpoint_settings, load_weights, require_kind
+    from run.checkpoint import checkpoint_settings, load_weights, require_kind
     require_kind(ckpt, path, 'peer', script)
     method = ckpt['method']
     s = checkpoint_settings(ckpt)

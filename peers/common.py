@@ -14,9 +14,9 @@ A peer method is a module of this package with:
 import torch
 import torch.nn.functional as F
 
-from config import UserError
 from gradcam_extract import minmax_per_image
 from model import ResNetFeatures, load_start_weights
+from run.config import UserError
 
 
 def make_trunk(s):

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import UserError
 from peers import common
+from run.config import UserError
 
 PREFIX = 'gc'
 NUM_DISTRACTORS = 3

@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import UserError
 from gradcam_extract import minmax_per_image
 from peers import common
+from run.config import UserError
 
 PREFIX = 'scouter'
 SIGNS = {'scouter+': 1, 'scouter-': -1}

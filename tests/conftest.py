@@ -34,14 +34,14 @@ def tiny_overrides(data_path, **extra):
 
 @pytest.fixture
 def tiny_settings(tiny_toy):
-    import config
+    from run import config
     return config.resolve_settings('toy', tiny_overrides(tiny_toy))
 
 
 def save_random_base_model(path, s, classes, seed):
     """An untrained base ResNet-18 saved as finetune_backbone.py saves one; returns the model (eval)."""
     import torch
-    from checkpoint import save_checkpoint
+    from run.checkpoint import save_checkpoint
     from finetune_backbone import make_base_model
     torch.manual_seed(seed)
     base = make_base_model('resnet18', len(classes)).eval()

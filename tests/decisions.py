@@ -201,7 +201,7 @@ def main():
     out, script, *args = sys.argv[1:]
     sys.path.insert(0, ROOT)
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
-    import config
+    from run import config
     with recording(out):
         config.run_cli(module.main, args)
 

@@ -37,7 +37,7 @@ def main():
     sys.path.insert(0, ROOT)
     inject(target, int(k), mode)
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
-    import config
+    from run import config
     config.run_cli(module.main, args)
 
 

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-import config
 import main as lvw_main
 import train_and_test as tnt
 from model import LVWNet, ResNetFeatures
+from run import config
 from tests.conftest import tiny_overrides
 from tests.test_resume import SCHEDULE, run_path
 

@@ -3,7 +3,7 @@ tiny run of the benchmark itself (its figures are for bench.py to print, not for
 import math
 
 import bench
-import config
+from run import config
 from tests.conftest import tiny_overrides
 
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import benchmark
-import config
+from run import config
 
 
 def test_t_quantile_by_table():

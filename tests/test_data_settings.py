@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 from data import make_toy
-from image_data import ImageDataset, sidecar_path
+from data.image_data import ImageDataset, sidecar_path
+from run import config
 
 
 # ---- toy data ---------------------------------------------------------------------------------

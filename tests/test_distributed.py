@@ -11,9 +11,9 @@ import tempfile
 import pytest
 import torch
 
-import distributed
+from data.image_data import FlipDraws, ImageDataset, draw_flips
+from run import distributed
 from tests import decisions
-from image_data import FlipDraws, ImageDataset, draw_flips
 from tests.conftest import ROOT, tiny_overrides
 from tests.test_resume import assert_same_run, run_path, state_done
 

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import eval_metrics as em
-import interp_metrics as im
-import perturbation_metrics as pert
-import word_metrics as wm
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from data.image_data import ImageDataset, normalize
 from finetune_backbone import load_base_model
 from gradcam_extract import gradcam
-from image_data import ImageDataset, normalize
+from metrics import interp_metrics as im, perturbation_metrics as pert, scoring, word_metrics as wm
+from model import model_from_checkpoint
+from run import config
+from run.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import save_random_base_model, tiny_overrides
 from tests.test_visualize import build_run
 from train_and_test import word_attention_map
@@ -67,7 +66,7 @@ def test_metrics_equal_direct_interp_metrics_calls(setup, tmp_path):
     test = setup['test']
     images = torch.stack([test[i][0] for i in range(len(test))])
     labels = torch.tensor([label for _, label in test.samples])
-    gt = em.load_masks([p for p, _ in test.samples], S)
+    gt = scoring.load_masks([p for p, _ in test.samples], S)
     obj, parts = gt['object'], gt['parts']
     assert gt['part_names'] == ['head', 'body', 'tail', 'marking'] and parts.shape == (9, 4, S, S)
     tau = im.pointing_tolerance(S)
@@ -162,12 +161,12 @@ def test_gradcam_computed_from_the_base_model(setup, tmp_path):
     res = em.main(['-base', setup['base'], '-out', str(tmp_path), '-auc_images', '0', '-max_images', '5',
                    *settings_args(setup['toy'])])
     test = setup['test']
-    idx = em.evenly_spaced(9, 5)
+    idx = scoring.evenly_spaced(9, 5)
     assert idx == [0, 2, 4, 6, 8] and res['n_images'] == 5
     images = torch.stack([test[i][0] for i in idx])
     model, _ = load_base_model(setup['base'])
     maps, _ = gradcam(model, normalize(images))
-    obj = em.load_masks([test.samples[i][0] for i in idx], S)['object']
+    obj = scoring.load_masks([test.samples[i][0] for i in idx], S)['object']
     labels = torch.tensor([test.samples[i][1] for i in idx])
     summary = im.pointing_game_summary(im.pointing_game_hits(maps, obj, im.pointing_tolerance(S)), labels, 3)
     m = res['sources']['gradcam']['metrics']
@@ -183,7 +182,7 @@ def test_class_mean_over_the_classes_present(setup, tmp_path, capsys):
     res = em.main(['-test_atts', setup['atts'], '-out', str(tmp_path), '-auc_images', '0', '-max_images', '2',
                    *settings_args(setup['toy'])])
     test = setup['test']
-    obj = em.load_masks([test.samples[i][0] for i in (0, 8)], S)['object']
+    obj = scoring.load_masks([test.samples[i][0] for i in (0, 8)], S)['object']
     maps = torch.from_numpy(np.load(setup['atts'])[[0, 8]])
     hits = im.pointing_game_hits(maps, obj, im.pointing_tolerance(S))
     pg = res['sources']['gradcam']['metrics']['pointing_game']
@@ -229,7 +228,7 @@ def test_masks_are_resized_with_nearest(tmp_path):
     big = np.zeros((128, 96), dtype=bool)
     big[10:70, 20:50] = True
     np.savez(str(tmp_path / 'a.masks.npz'), object=big)
-    gt = em.load_masks([str(img)], 64)
+    gt = scoring.load_masks([str(img)], 64)
     assert gt['object'].shape == (1, 64, 64) and gt['parts'] is None
     from PIL import Image
     expected = np.asarray(Image.fromarray(big.astype(np.uint8) * 255).resize((64, 64), Image.NEAREST)) > 127

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from eval_iou import map_iou, mask_iou, percentile_masks
 from gradcam_extract import gradcam
+from metrics.iou import map_iou, mask_iou, percentile_masks
 
 
 def reference_gradcam(model, image, target=None):

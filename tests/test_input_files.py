@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import eval_iou
 import eval_metrics
 import gradcam_extract
 import local_analysis
 import main as lvw_main
 import visualize
-from checkpoint import save_checkpoint
-from image_data import ImageDataset, open_attention_maps, sidecar_path
+from data.image_data import ImageDataset, open_attention_maps, sidecar_path
+from metrics import scoring
 from model import build_model
+from run import config
+from run.checkpoint import save_checkpoint
 from tests.conftest import ROOT, save_random_base_model, tiny_overrides
 
 LVW_NAME = '1push0.5000.pth'
@@ -151,12 +152,12 @@ def test_mask_file_of_eval_metrics(tmp_path):
     for content, reason in ((b'', 'the file is empty (0 bytes)'), (b'PK\x03\x04' + b'\0' * 20, cut)):
         mask.write_bytes(content)
         with pytest.raises(config.UserError) as err:
-            eval_metrics.load_masks([str(image)], 64)
+            scoring.load_masks([str(image)], 64)
         assert str(err.value) == 'cannot read mask file %s: %s' % (mask, reason)
     np.save(str(tmp_path / 'plain.npy'), np.zeros((4, 4)))
     os.replace(tmp_path / 'plain.npy', mask)
     with pytest.raises(config.UserError, match='it is a single .npy array, not an .npz archive'):
-        eval_metrics.load_masks([str(image)], 64)
+        scoring.load_masks([str(image)], 64)
 
 
 # ---- Grad-CAM maps ---------------------------------------------------------------------------------

@@ -3,9 +3,7 @@ import math
 import pytest
 import torch
 
-import interp_metrics as im
-import perturbation_metrics as pm
-import word_metrics as wm
+from metrics import interp_metrics as im, perturbation_metrics as pm, word_metrics as wm
 
 
 # ---------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import main as lvw_main
-import run_state
 from model import build_model
+from run import run_state
 from tests import decisions
 from tests.conftest import tiny_overrides
 from tests.test_resume import Boom, SCHEDULE, assert_same_run, fail_at, run_path

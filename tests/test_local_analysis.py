@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import local_analysis
-from checkpoint import load_checkpoint, model_from_checkpoint
-from image_data import load_image, normalize
+from data.image_data import load_image, normalize
+from model import model_from_checkpoint
+from run import config
+from run.checkpoint import load_checkpoint
 from tests.test_visualize import build_run
 
 

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import config
 import train_and_test as tnt
 from model import LVWNet, LVWOutput, ResNetFeatures
+from run import config
 
 # 2 images, 3 words, 2 classes. Word 0 -> class 0, words 1 and 2 -> class 1.
 MIN_D = torch.tensor([[4.0, 1.0, 9.0],

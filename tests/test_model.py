@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-import config
 import model as lvw_model
 from model import LVWNet, ResNetFeatures, build_model, log_similarity, squared_distances
 from receptive_field import layer_specs, rf_box, word_layer_rf_info
+from run import config
 
 
 def test_squared_distances_match_brute_force_loop():

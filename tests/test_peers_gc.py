@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import config
-from image_data import ImageDataset
-from peers import common
-from peers import gc_consistency as gc
+from data.image_data import ImageDataset
+from peers import common, gc_consistency as gc
+from run import config
 
 SIZE = 64
 

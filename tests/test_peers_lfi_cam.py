@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import config
 import peers
 from peers import lfi_cam
+from run import config
 
 SIZE, BATCH, CLASSES = 64, 2, 3
 

@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import eval_iou
 import eval_metrics as em
 import gradcam_extract
-import interp_metrics as im
 import peers
 import train_peer
-from checkpoint import load_checkpoint
-from image_data import ImageDataset, normalize
+from data.image_data import ImageDataset, normalize
+from metrics import interp_metrics as im, scoring
+from metrics.iou import map_iou
 from peers import common
+from run import config
+from run.checkpoint import load_checkpoint
 from tests.conftest import save_random_base_model, tiny_overrides
 from tests.test_visualize import build_run
 
@@ -107,7 +108,7 @@ def test_eval_metrics_scores_every_source_in_one_table(trained, tmp_path):
     test = trained['test']
     images = torch.stack([test[i][0] for i in range(len(test))])
     labels = torch.tensor([label for _, label in test.samples])
-    obj = em.load_masks([p for p, _ in test.samples], S)['object']
+    obj = scoring.load_masks([p for p, _ in test.samples], S)['object']
     reference = torch.from_numpy(np.load(trained['atts']))
     assert res['sources']['base']['metrics']['iou_gradcam']['value'] == pytest.approx(1.0)
     # LVW: the same IoU as eval_iou.py on the same checkpoint and maps
@@ -125,7 +126,7 @@ def test_eval_metrics_scores_every_source_in_one_table(trained, tmp_path):
             accuracy = float((model(normalize(images)).argmax(1) == labels).double().mean())
         m = res['sources'][method]['metrics']
         assert res['sources'][method]['accuracy'] == pytest.approx(accuracy)
-        assert m['iou_gradcam']['value'] == pytest.approx(float(eval_iou.map_iou(maps, reference, 50).mean()), abs=1e-6)
+        assert m['iou_gradcam']['value'] == pytest.approx(float(map_iou(maps, reference, 50).mean()), abs=1e-6)
         assert m['area_size']['value'] == pytest.approx(float(maps.double().mean()), abs=1e-6)
         assert m['precision']['value'] == pytest.approx(im.image_mean(im.box_precision(maps, obj))[0], abs=1e-6)
         assert m['content_heatmap']['value'] == pytest.approx(im.image_mean(im.content_heatmap(maps, obj))[0], abs=1e-3)

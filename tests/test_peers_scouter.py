@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import config
 from peers import scouter
+from run import config
 
 SIZE = 64
 

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import eval_iou
 import finetune_backbone
 import gradcam_extract
 import main as lvw_main
-from checkpoint import CheckpointKeeper, load_checkpoint, model_from_checkpoint, save_checkpoint
-from tests.conftest import ROOT, tiny_overrides
 from data import make_toy
-from model import build_model
+from model import build_model, model_from_checkpoint
+from run import config
+from run.checkpoint import CheckpointKeeper, load_checkpoint, save_checkpoint
+from tests.conftest import ROOT, tiny_overrides
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path, tiny_settings):

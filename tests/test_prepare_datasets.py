@@ -21,6 +21,7 @@ import scipy.io as sio
 from PIL import Image
 
 from data import prepare_datasets as prep
+from data.sources import awa2
 
 REPO = Path(__file__).resolve().parents[1]
 MTIME = 1_600_000_000
@@ -698,8 +699,8 @@ def test_awa2_seed_and_fraction(tmp_path, capsys):
 
 
 def test_awa2_test_count_rule():
-    assert [prep.awa2_test_count(n, 0.3) for n in (0, 1, 2, 5, 10, 100)] == [0, 0, 1, 2, 3, 30]
-    assert prep.awa2_test_count(3, 0.99) == 2
+    assert [awa2.awa2_test_count(n, 0.3) for n in (0, 1, 2, 5, 10, 100)] == [0, 0, 1, 2, 3, 30]
+    assert awa2.awa2_test_count(3, 0.99) == 2
 
 
 def test_corrupt_archive_is_an_error(tmp_path, capsys):

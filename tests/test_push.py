@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from image_data import normalize
+from data.image_data import normalize
 from model import LVWNet, ResNetFeatures, squared_distances
 from push import high_activation_boxes, push_prototypes
 

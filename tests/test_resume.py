@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import finetune_backbone
 import main as lvw_main
 import push
-import run_state
 import train_and_test as tnt
 import train_peer
-from checkpoint import CheckpointKeeper
-from image_data import check_images
+from data.image_data import check_images
+from run import config, run_state
+from run.checkpoint import CheckpointKeeper
 from tests.conftest import ROOT, tiny_overrides
 
 # 9 passes: warm 0 | joint 1, push 1, last 1/0, last 1/1 | joint 2, push 2, last 2/0, last 2/1

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-import config
 import settings
-import settings_rules
-from checkpoint import checkpoint_settings
+from run import config, settings_rules
+from run.checkpoint import checkpoint_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LRS = "{'features': 1e-4, 'add_on_layers': 3e-3, 'prototype_vectors': 3e-3}"

@@ -1,4 +1,4 @@
-"""The settings for words shared across classes (README, "The words"): each checked on a tiny case
+"""The settings for words shared across classes (docs/shared_words.md): each checked on a tiny case
 with a hand-computed or brute-force answer, and each default checked to be the reference."""
 import math
 
@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import config
-import distributed
 import push
 import train_and_test as tnt
-from image_data import normalize
+from data.image_data import normalize
 from model import LVWNet, ResNetFeatures, build_model, initial_last_layer, squared_distances
+from run import config, distributed
 from tests.test_push import TensorImages
 
 QUIET = dict(log=lambda *_: None)
@@ -322,7 +321,7 @@ def test_backbone_padding_pads_by_reflection_and_zeros_is_the_default():
 def test_a_base_model_reloads_with_the_padding_it_was_trained_with(tmp_path):
     import torch.nn as nn
     import finetune_backbone
-    from checkpoint import save_checkpoint
+    from run.checkpoint import save_checkpoint
     s = config.resolve_settings('toy', ["backbone_padding='reflect'"])
     torch.manual_seed(0)
     model = finetune_backbone.make_base_model('resnet18', 3, 'reflect').eval()

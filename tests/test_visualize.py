@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-import config
-import word_metrics
 import push
 import visualize as vis
-from checkpoint import save_checkpoint
-from image_data import ImageDataset, MapChecksum, checksum_line, make_loader
+from data.image_data import ImageDataset, MapChecksum, checksum_line, make_loader
+from figures import curves, gallery, run_report
+from metrics import word_metrics
 from model import build_model
 from receptive_field import layer_specs, word_layer_rf_info
+from run import config
+from run.checkpoint import save_checkpoint
 from tests.conftest import tiny_overrides
 
 NOOP = lambda *_, **__: None  # noqa: E731
@@ -77,7 +78,7 @@ def test_word_users_follow_classes_per_word():
     torch.manual_seed(1)
     w = torch.randn(7, 40)
     w[:, 3] = -1.0  # nobody
-    users = vis.word_users(w)
+    users = gallery.word_users(w)
     counts, _ = word_metrics.classes_per_word(w)
     assert [len(u) for u in users] == counts.tolist()
     assert users[3] == []
@@ -88,22 +89,22 @@ def test_word_users_follow_classes_per_word():
 
 def test_short_class_names_are_short_and_unique():
     names = ['c0_round-ellipse-stick-star', 'n02085620-Chihuahua', 'abc']
-    short = vis.short_class_names(names, 10)
+    short = gallery.short_class_names(names, 10)
     assert short[1] == 'Chihuahua' and short[2] == 'abc' and len(short[0]) == 10
-    clash = vis.short_class_names(['american_bulldog_a', 'american_bulldog_b'], 10)
+    clash = gallery.short_class_names(['american_bulldog_a', 'american_bulldog_b'], 10)
     assert len(set(clash)) == 2 and clash[0].startswith('0:')
 
 
 def test_parse_checkpoint_name():
-    assert vis.parse_checkpoint_name('6_2push0.9296.pth') == {'epoch': 6, 'kind': 'last', 'iteration': 2,
+    assert run_report.parse_checkpoint_name('6_2push0.9296.pth') == {'epoch': 6, 'kind': 'last', 'iteration': 2,
                                                              'accuracy': 0.9296}
-    assert vis.parse_checkpoint_name('/x/10push0.5000.pth')['kind'] == 'push'
-    assert vis.parse_checkpoint_name('3nopush0.1000.pth')['kind'] == 'nopush'
-    assert vis.parse_checkpoint_name('model.pth') is None
+    assert run_report.parse_checkpoint_name('/x/10push0.5000.pth')['kind'] == 'push'
+    assert run_report.parse_checkpoint_name('3nopush0.1000.pth')['kind'] == 'nopush'
+    assert run_report.parse_checkpoint_name('model.pth') is None
 
 
 def test_gallery_pages_draw_every_word(tiny_run, tmp_path):
-    pages = vis.draw_gallery(tiny_run.img_dir, tiny_run.weight, tiny_run.classes, out_dir=str(tmp_path),
+    pages = gallery.draw_gallery(tiny_run.img_dir, tiny_run.weight, tiny_run.classes, out_dir=str(tmp_path),
                              words_per_page=4)
     assert [os.path.basename(p) for p, _ in pages] == ['gallery-%d.png' % k for k in range(1, 5)]
     assert [p for _, words in pages for p in words] == list(range(15))
@@ -116,7 +117,7 @@ def test_gallery_pages_draw_every_word(tiny_run, tmp_path):
             assert img.height > rows * (ch + 6)
             assert img.height < rows * (ch + 6) + 120  # the header
     # one page for the default 50 words; a second call replaces the old pages
-    pages = vis.draw_gallery(tiny_run.img_dir, tiny_run.weight, tiny_run.classes, out_dir=str(tmp_path))
+    pages = gallery.draw_gallery(tiny_run.img_dir, tiny_run.weight, tiny_run.classes, out_dir=str(tmp_path))
     assert len(pages) == 1 and pages[0][1] == list(range(15))
     assert sorted(os.listdir(tmp_path)) == ['gallery-1.png']
 
@@ -126,18 +127,18 @@ def test_gallery_scales_to_many_words_in_pages(tmp_path):
     folder.mkdir(parents=True)
     # no pictures at all: every word is still drawn (as a placeholder), 50 a page
     weight = torch.randn(40, 160)
-    pages = vis.draw_gallery(str(folder), weight, ['class %d' % c for c in range(40)], thumb=24)
+    pages = gallery.draw_gallery(str(folder), weight, ['class %d' % c for c in range(40)], thumb=24)
     assert len(pages) == 4 and [p for _, w in pages for p in w] == list(range(160))
     assert [len(w) for _, w in pages] == [50, 50, 50, 10]
 
 
 def test_gallery_per_class_grid(tiny_run, tmp_path):
-    pages = vis.draw_gallery(tiny_run.img_dir, tiny_run.weight, tiny_run.classes, out_dir=str(tmp_path),
+    pages = gallery.draw_gallery(tiny_run.img_dir, tiny_run.weight, tiny_run.classes, out_dir=str(tmp_path),
                              by_class=True)
     names = [os.path.basename(p) for p, _ in pages]
     assert names == ['gallery-class0.png', 'gallery-class1.png', 'gallery-class2.png', 'gallery-unused.png']
     words = dict((os.path.basename(p), w) for p, w in pages)
-    users = vis.word_users(tiny_run.weight)
+    users = gallery.word_users(tiny_run.weight)
     for c in range(3):
         page = words['gallery-class%d.png' % c]
         assert sorted(page) == [p for p in range(15) if c in users[p]]
@@ -149,7 +150,7 @@ def test_gallery_per_class_grid(tiny_run, tmp_path):
 
 
 def test_weight_heatmap_and_classes_per_word(tiny_run, tmp_path):
-    out = vis.draw_weight_heatmap(tiny_run.weight, tiny_run.classes, str(tmp_path / 'w.png'), title='t')
+    out = gallery.draw_weight_heatmap(tiny_run.weight, tiny_run.classes, str(tmp_path / 'w.png'), title='t')
     counts, mean = word_metrics.classes_per_word(tiny_run.weight)
     assert out['classes_per_word'] == counts.tolist() and out['mean_classes_per_word'] == pytest.approx(mean)
     assert counts[0] == 2 and counts[14] == 0
@@ -158,17 +159,17 @@ def test_weight_heatmap_and_classes_per_word(tiny_run, tmp_path):
 
 
 def test_training_curves(tiny_run, tmp_path):
-    out = vis.plot_training_curves(os.path.join(tiny_run.run, 'metrics.csv'), str(tmp_path / 'c.png'))
+    out = curves.plot_training_curves(os.path.join(tiny_run.run, 'metrics.csv'), str(tmp_path / 'c.png'))
     assert out['panels'] == ['accuracy', 'cross_entropy', 'cluster', 'attention', 'l1', 'p_dist_pair', 'lr_features']
     with Image.open(out['path']) as img:
         assert img.width == 1200 and img.height == int(round(100 * (2.6 * 4 + 0.6)))
-    rows = vis.read_metrics_csv(os.path.join(tiny_run.run, 'metrics.csv'))
-    xs = vis.pass_positions(rows)
+    rows = curves.read_metrics_csv(os.path.join(tiny_run.run, 'metrics.csv'))
+    xs = curves.pass_positions(rows)
     assert xs == [0, 0, 1, 1, 1.3, 1.6, 1.6]
 
 
 def test_run_report_links_existing_files(tiny_run):
-    path = vis.write_run_report(tiny_run.run, log=NOOP)
+    path = run_report.write_run_report(tiny_run.run, log=NOOP)
     assert path == os.path.join(tiny_run.run, 'report.md')
     text = open(path).read()
     links = re.findall(r'\]\(([^)]+)\)', text)
@@ -182,23 +183,23 @@ def test_run_report_links_existing_files(tiny_run):
 
 
 def test_word_source_folder(tiny_run):
-    folder, note = vis.word_source_folder(tiny_run.run, 1, 'last')
+    folder, note = gallery.word_source_folder(tiny_run.run, 1, 'last')
     assert folder == tiny_run.img_dir and 'epoch 1' in note
-    assert vis.word_source_folder(tiny_run.run, 1, 'push')[0] == tiny_run.img_dir
-    folder, note = vis.word_source_folder(tiny_run.run, 1, 'nopush')
+    assert gallery.word_source_folder(tiny_run.run, 1, 'push')[0] == tiny_run.img_dir
+    folder, note = gallery.word_source_folder(tiny_run.run, 1, 'nopush')
     assert folder is None and 'not training patches' in note
-    folder, note = vis.word_source_folder(tiny_run.run, 7, 'push')
+    folder, note = gallery.word_source_folder(tiny_run.run, 7, 'push')
     assert folder is None and 'no push pictures' in note
 
 
 def test_push_hook_is_safe(tiny_run, tmp_path):
-    assert vis.write_push_pictures(None, tiny_run.weight, tiny_run.classes, 1) == []
+    assert gallery.write_push_pictures(None, tiny_run.weight, tiny_run.classes, 1) == []
     messages = []
     # 15 words in the folder, a last layer of 20: the hook logs and does not raise
-    assert vis.write_push_pictures(tiny_run.img_dir, torch.zeros(3, 20), tiny_run.classes, 1,
+    assert gallery.write_push_pictures(tiny_run.img_dir, torch.zeros(3, 20), tiny_run.classes, 1,
                                    log=messages.append) == []
     assert messages and messages[0].startswith('warning: could not draw the push pictures')
-    assert vis.write_run_report(str(tmp_path / 'missing'), log=messages.append) is None
+    assert run_report.write_run_report(str(tmp_path / 'missing'), log=messages.append) is None
 
 
 def test_cli_redraws_by_class(tiny_run):

@@ -4,7 +4,7 @@ a latent cell to image pixels against a brute-force receptive field."""
 import pytest
 import torch
 
-import word_metrics as wm
+from metrics import word_metrics as wm
 from model import LVWNet, ResNetFeatures
 from receptive_field import layer_specs, rf_box, word_layer_rf_info
 

@@ -1,4 +1,4 @@
-"""The geometry runs behind the README's answer on the words (issue 17, item 3): the benchmark's
+"""The geometry runs behind the answer of docs/shared_words.md on the words (issue 17, item 3): the benchmark's
 base model and word methods, trained and scored exactly as benchmark.py does, on one seed, with
 one thing of the geometry changed:
 
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 import benchmark  # noqa: E402
-import config  # noqa: E402
+from run import config  # noqa: E402
 import eval_metrics as em  # noqa: E402
 from data import make_toy  # noqa: E402
-from image_data import ImageDataset  # noqa: E402
+from data.image_data import ImageDataset  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from words_probe import word_geometry  # noqa: E402

@@ -1,4 +1,4 @@
-"""The probe behind the README's SCOUTER toy recipe: the SCOUTER+ head alone (trunk frozen, its
+"""The probe behind the SCOUTER toy recipe of docs/peers.md: the SCOUTER+ head alone (trunk frozen, its
 layer4 features of the toy images cached once) trained with AdamW at several lrs and batch sizes;
 prints the test accuracy every 2 epochs. Needs the demo's base model.
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.getcwd())
-import config  # noqa: E402
+from run import config  # noqa: E402
 import peers  # noqa: E402
-from image_data import ImageDataset, normalize  # noqa: E402
+from data.image_data import ImageDataset, normalize  # noqa: E402
 from peers import common  # noqa: E402
 
 BASE = 'saved_models/base/toy_resnet18.pth'

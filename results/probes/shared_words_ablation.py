@@ -1,4 +1,4 @@
-"""The one-seed ablation behind the README's "The words" section: word-model variants trained and
+"""The one-seed ablation behind docs/shared_words.md: word-model variants trained and
 scored exactly as benchmark.py trains and scores its word methods (its schedule, seed 0's base
 model and Grad-CAM), one row per variant in results/shared_words/ablation_seed0.md.
 
@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.getcwd())
 import benchmark  # noqa: E402
-import config  # noqa: E402
+from run import config  # noqa: E402
 
 FLIP = 'attention_flip="double"'
 # spelled out, not lvw_variant="shared": that variant is xi, chosen from this table

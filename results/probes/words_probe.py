@@ -1,4 +1,4 @@
-"""The probes behind the README's answers on the words (issue 17, items 3 and 4), on the
+"""The probes behind the answers of docs/shared_words.md on the words (issue 17, items 3 and 4), on the
 benchmark's toy test set:
 
   shortcut   each model's test accuracy on the images as they are, with the object removed (its
@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.getcwd())
-import config  # noqa: E402
+from run import config  # noqa: E402
 import eval_metrics as em  # noqa: E402
+from metrics import scoring  # noqa: E402
 import push  # noqa: E402
-from image_data import ImageDataset, normalize  # noqa: E402
+from data.image_data import ImageDataset, normalize  # noqa: E402
 from receptive_field import layer_specs, word_layer_rf_info  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def main(argv=None):
     push_set = ImageDataset(s['train_dir'], s['img_size'])
     images = torch.stack([test[i][0] for i in range(len(test))])
     labels = torch.tensor([label for _, label in test.samples])
-    objects = em.load_masks([p for p, _ in test.samples], s['img_size'])['object']
+    objects = scoring.load_masks([p for p, _ in test.samples], s['img_size'])['object']
     variants = {'as is': images, 'object removed': remove_object(images, objects),
                 'background removed': remove_background(images, objects)}
     report = {'test_images': len(test), 'chance': 1 / len(test.classes), 'grids': grid_facts(s['base_architecture']),

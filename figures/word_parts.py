@@ -7,7 +7,7 @@ framed in the colour of the part that cell points at (word_metrics.cell_parts; g
 import numpy as np
 from PIL import Image, ImageDraw
 
-import word_metrics as wm
+from metrics import word_metrics as wm
 
 PART_COLOURS = [(220, 40, 40), (40, 170, 60), (40, 90, 220), (240, 150, 0), (225, 225, 0), (170, 60, 200)]
 BACKGROUND_COLOUR = (150, 150, 150)

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from interp_metrics import check_finite_maps
+from metrics.interp_metrics import check_finite_maps
 
 __all__ = ["gaussian_blur", "perturbation_curves", "curve_auc", "insertion_auc", "deletion_auc"]
 

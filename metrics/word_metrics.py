@@ -13,7 +13,7 @@ from typing import Dict, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from interp_metrics import _first_argmax_flat, image_mean, points_hit_mask
+from metrics.interp_metrics import _first_argmax_flat, image_mean, points_hit_mask
 
 __all__ = ["word_argmax_locations", "top_locations_from_maxima", "top_locations", "part_purity",
            "classes_per_word", "cell_box", "cell_centre", "cells_on_mask", "cells_near_mask",

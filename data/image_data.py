@@ -21,8 +21,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import distributed
-from config import UserError, one_line
+from run import distributed
+from run.config import UserError, one_line
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

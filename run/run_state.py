@@ -20,7 +20,7 @@ import random
 import numpy as np
 import torch
 
-import config
+from run import config
 
 
 class RunLog:

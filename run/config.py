@@ -13,32 +13,8 @@ import tempfile
 import types
 
 import settings as settings_module
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, without a traceback."""
-
-
-def run_cli(main_fn, argv=None):
-    """Call `main_fn(argv)`; a UserError becomes 'error: <message>' on stderr and exit status 2."""
-    try:
-        return main_fn(argv)
-    except UserError as err:
-        print('error: %s' % one_line(str(err)), file=sys.stderr)
-        sys.exit(2)
-    except PermissionError as err:  # an output folder that is not writable, found late
-        print('error: permission denied: %s' % (err.filename or err), file=sys.stderr)
-        sys.exit(2)
-
-
-def one_line(message):
-    """The user's line of an error message. A UserError raised in a DataLoader worker comes back
-    wrapped in the worker's traceback; its own message is the last line, after 'UserError: '."""
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return message.strip()
-    last = lines[-1]
-    return last.split(': ', 1)[1] if last.split(': ', 1)[0].endswith('Error') and ': ' in last else last
+from run.errors import UserError, one_line, run_cli  # noqa: F401  (config.UserError: the name most callers use)
+from run.settings_rules import RULES
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -133,7 +109,6 @@ def resolve_settings(dataset=None, overrides=()):
 def finish_settings(s):
     """Check every value (settings_rules.RULES, then the checks across names) and fill the derived
     names; also applied to the settings stored in checkpoints."""
-    from settings_rules import RULES  # the table imports the rule helpers below
     for name, rule in RULES.items():
         if name in s:
             rule(name, s[name], s)
@@ -153,101 +128,6 @@ def finish_settings(s):
         raise UserError('setting topk must be between 1 and the number of words (%d), got %r'
                         % (s['prototype_shape'][0], s['topk']))
     return s
-
-
-# ---- rules for settings_rules.RULES --------------------------------------------------------------
-# Each helper makes a rule(name, value, s) that raises UserError('setting NAME must be WHAT, got
-# VALUE'). Whole numbers are ints (not floats, not bools); numbers are finite ints or floats.
-
-def _bad(name, expected, value):
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + '...'
-    raise UserError('setting %s must be %s, got %s' % (name, expected, shown))
-
-
-_is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-
-def _scalar(expected, ok, none=False):
-    """The rule 'ok(value)' (or value is None, with none=True), described as `expected`."""
-    expected = 'None or ' + expected if none else expected
-
-    def rule(name, value, s):
-        if not ((none and value is None) or ok(value)):
-            _bad(name, expected, value)
-    return rule
-
-
-def _range(kind, test, lo, hi, above, none=False):
-    """`kind` values v with test(v) in [lo, hi] (either end None: open; above=True excludes lo)."""
-    text = (' in %s%s, %s]' % ('(' if above else '[', lo, hi) if lo is not None and hi is not None else
-            ' %s %s' % ('>' if above else '>=', lo) if lo is not None else ' <= %s' % hi if hi is not None else '')
-    ok = lambda v: test(v) and (lo is None or v > lo or (v == lo and not above)) and (hi is None or v <= hi)
-    return _scalar(kind + text, ok, none)
-
-
-def _int(lo=None, hi=None, none=False):
-    return _range('a whole number', _is_int, lo, hi, False, none)
-
-
-def _number(lo=None, hi=None, above=False, none=False):
-    return _range('a number', lambda v: isinstance(v, float) and abs(v) < float('inf') or _is_int(v), lo, hi, above,
-                  none)
-
-
-def _choice(*options):
-    return _scalar('one of ' + ', '.join(map(repr, options)),
-                   lambda v: any(type(v) is type(o) and v == o for o in options))  # 1.0 and True are not 1
-
-
-_bool = _scalar('True or False', lambda v: isinstance(v, bool))
-
-
-def _text(none=False):
-    return _scalar('a non-empty string', lambda v: isinstance(v, str) and v != '', none)
-
-
-def _folder(none=False):
-    """A plain folder name: joined to saved_models/<arch>/, it must stay inside that folder."""
-    ok = lambda v: (isinstance(v, str) and v not in ('', '.', '..') and not v[0].isspace() and v[0] != '-'
-                    and not any(c in v for c in ('/', '\\', '\0', os.sep, os.altsep or '/')))
-    return _scalar("a plain folder name (no '/', not '.' or '..', not empty or starting with '-' or a space)",
-                   ok, none)
-
-
-def _list(item, none=False):
-    """A list or tuple whose entries NAME[i] pass `item`."""
-    def rule(name, value, s):
-        if not (none and value is None or isinstance(value, (list, tuple))):
-            _bad(name, 'None or a list' if none else 'a list', value)
-        for i, v in enumerate(value or ()):
-            item('%s[%d]' % (name, i), v, s)
-    return rule
-
-
-def _dict(keys, item):
-    """A dict with exactly `keys`, whose values NAME[key] pass `item`."""
-    expected = 'a dict with exactly the keys ' + ', '.join(map(repr, keys))
-
-    def rule(name, value, s):
-        found = value if isinstance(value, dict) else {}
-        wrong = ['%s %s' % (what, ', '.join(map(repr, ks))) for what, ks in (
-            ('missing', [k for k in keys if k not in found]), ('unknown', [k for k in found if k not in keys])) if ks]
-        if not isinstance(value, dict) or wrong:
-            _bad(name, expected + (' (%s)' % '; '.join(wrong) if wrong else ''), value)
-        for k in keys:
-            item('%s[%r]' % (name, k), value[k], s)
-    return rule
-
-
-def _epochs_before(limit):  # None, or a list of epochs in [0, s[limit])
-    def rule(name, value, s):
-        epoch = _scalar('an epoch in [0, %d) as %s is %d' % (s[limit], limit, s[limit]),
-                        lambda v: _is_int(v) and 0 <= v < s[limit])
-        _list(epoch, none=True)(name, value, s)
-    return rule
-
-
-_shape = _scalar('(P, D, 1, 1) with whole numbers P, D >= 1', lambda v: isinstance(v, (list, tuple)) and len(v) == 4
-                 and all(_is_int(x) and x >= 1 for x in v) and tuple(v[2:]) == (1, 1))
 
 
 def add_settings_args(parser):

@@ -13,7 +13,7 @@ import zipfile
 
 import torch
 
-from config import UserError, atomic_write, default_settings, finish_settings, one_line, to_jsonable, versions
+from run.config import UserError, atomic_write, default_settings, finish_settings, one_line, to_jsonable, versions
 
 
 def unwrap(model):
@@ -135,15 +135,6 @@ def checkpoint_settings(ckpt, overrides=None):
     base = default_settings()
     merged = {**base, **ckpt['settings'], **(overrides or {})}
     return finish_settings(merged)
-
-
-def model_from_checkpoint(ckpt, device='cpu', overrides=None, path='the checkpoint'):
-    """Rebuild the LVW network from what the checkpoint stores (not from the current settings.py)."""
-    from model import build_model
-    s = checkpoint_settings(ckpt, overrides)
-    model = build_model(dict(s, pretrained=False), log=lambda *_: None)
-    load_weights(model, ckpt, path)
-    return model.to(device).eval(), s
 
 
 def checkpoint_name(epoch, accuracy, kind, iteration=None):

@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from config import UserError
+from run.config import UserError
 
 
 def init_distributed(device_name='auto'):
