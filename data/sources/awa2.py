@@ -1,0 +1,91 @@
+"""Animals with Attributes 2: no official split; a seeded per-class test fraction.
+"""
+from __future__ import annotations
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+from data.sources.common import Context, IMAGE_SUFFIXES, Item, Listing, MissingComponent, PrepareError, order_notes, record_class_id, warn
+
+
+def locate_awa2(ctx: Context) -> dict:
+    """Find Animals_with_Attributes2 (JPEGImages/ and classes.txt)."""
+    jpeg = ctx.find("JPEGImages", is_dir=True, hint=" (AwA2-data.zip)")
+    if not (jpeg.parent / "classes.txt").is_file():
+        raise MissingComponent(f"cannot find file Animals_with_Attributes2/classes.txt "
+                               f"(AwA2-data.zip) in {ctx.described}")
+    return {"jpeg": jpeg, "classes": jpeg.parent / "classes.txt"}
+
+
+def awa2_wanted(name: str) -> bool:
+    """Extract only JPEGImages/ and classes.txt from AwA2-data.zip."""
+    return "/JPEGImages/" in f"/{name}" or name.rsplit("/", 1)[-1] == "classes.txt"
+
+
+def parse_awa2_classes(path: Path) -> List[tuple]:
+    """(id, name) pairs from AWA2 classes.txt lines like ``1\\tantelope``."""
+    pairs = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise PrepareError(f"classes.txt line {lineno}: expected '<id> <name>', got {line!r}")
+        pairs.append((int(parts[0]), parts[1]))
+    if not pairs:
+        raise PrepareError("classes.txt lists no classes")
+    return pairs
+
+
+def awa2_test_count(n: int, fraction: float) -> int:
+    """Test images for a class of n: round(n * fraction), at least 1 and at most n - 1."""
+    if n < 2:
+        return 0
+    return min(max(int(n * fraction + 0.5), 1), n - 1)
+
+
+def awa2_split_key(seed: int, cls: str, fname: str) -> str:
+    """Sort key of the seeded split: sha256 of '<seed>/<class>/<file name>'."""
+    return hashlib.sha256(f"{seed}/{cls}/{fname}".encode()).hexdigest()
+
+
+def awa2_test_files(cls: str, files: Sequence[str], fraction: float, seed: int) -> List[str]:
+    """The files of one class that go to test (stable across platforms and library versions)."""
+    ordered = sorted(files, key=lambda f: awa2_split_key(seed, cls, f))
+    return ordered[:awa2_test_count(len(files), fraction)]
+
+
+def collect_awa2(ctx: Context, loc: dict) -> Listing:
+    """Seeded stratified split of JPEGImages/<class>/ for the classes in classes.txt."""
+    fraction, seed = ctx.opts["awa2_test_fraction"], ctx.opts["awa2_seed"]
+    pairs = parse_awa2_classes(loc["classes"])
+    items: List[Item] = []
+    class_ids: Dict[str, Optional[int]] = {}
+    notes: List[str] = []
+    for cid, cls in pairs:
+        folder = loc["jpeg"] / cls
+        if not folder.is_dir():
+            raise PrepareError(f"missing folder JPEGImages/{cls}/ (listed in classes.txt)")
+        files = sorted(e.name for e in os.scandir(folder)
+                       if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise PrepareError(f"folder JPEGImages/{cls}/ holds no images")
+        record_class_id(class_ids, cls, cid, "classes.txt")
+        test = set(awa2_test_files(cls, files, fraction, seed))
+        for fname in files:
+            split = "test" if fname in test else "train"
+            items.append(Item(split, cls, fname, f"JPEGImages/{cls}/{fname}", source=folder / fname))
+    extra = sorted(e.name for e in os.scandir(loc["jpeg"])
+                   if e.is_dir() and e.name not in class_ids)
+    if extra:
+        notes.append(f"folders in JPEGImages/ not listed in classes.txt were ignored: {extra}")
+        warn(notes[-1])
+    return Listing(
+        items=items,
+        recipe=(f"no official split: per class, files sorted by sha256('{seed}/<class>/<file>'); "
+                f"the first round(n * {fraction}) (at least 1, at most n - 1) go to test, "
+                "the rest to train"),
+        class_ids=class_ids,
+        expected={"total": {"images": 37322}, "train": {"classes": 50}, "test": {"classes": 50}},
+        notes=notes + order_notes(class_ids),
+    )
