@@ -74,9 +74,6 @@ from train_and_test import word_attention_map
 WORD_SOURCES = ('lvw', 'protopnet')
 
 
-# ---- ground truth --------------------------------------------------------------------------------
-
-
 # ---- sources ---------------------------------------------------------------------------------------
 
 class WordSource:
@@ -179,15 +176,6 @@ def open_source(name, path, device, dataset, img_size, test_atts=None, target='p
         source.name = name
         return source
     return WordSource(name, path, device, dataset.classes, img_size)
-
-
-# ---- per-batch pieces ---------------------------------------------------------------------------------
-
-
-# ---- the evaluation -----------------------------------------------------------------------------------
-
-
-# ---- reporting -------------------------------------------------------------------------------------
 
 
 # ---- command line ----------------------------------------------------------------------------------

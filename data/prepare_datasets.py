@@ -45,7 +45,8 @@ if __package__ in (None, ""):  # run as `python data/prepare_datasets.py`: the p
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.sources.awa2 import awa2_wanted, collect_awa2, locate_awa2
-from data.sources.common import FORMAT_VERSION, Item, MASK_SUFFIX, PrepareError, SPLITS, Spec, TOOL, archive_kind, describe_exc, gather_listing, info, progress, want_all, warn
+from data.sources.common import (FORMAT_VERSION, Item, MASK_SUFFIX, PrepareError, SPLITS, Spec, TOOL, archive_kind,
+                                 describe_exc, gather_listing, info, progress, want_all, warn)
 from data.sources.dogs import collect_dogs, locate_dogs
 from data.sources.flowers import FLOWER_SPLIT_KEYS, collect_flowers, locate_flowers
 from data.sources.food101 import collect_food101, locate_food101
@@ -61,42 +62,6 @@ DATASET_OPTIONS = {
     "awa2_test_fraction": ("awa2", 0.3),
     "awa2_seed": ("awa2", 0),
 }
-
-
-# --------------------------------------------------------------------------- data types
-
-
-# --------------------------------------------------------------------------- messages
-
-
-# --------------------------------------------------------------------------- searching
-
-
-# --------------------------------------------------------------------------- archives
-
-
-# --------------------------------------------------------------------------- sources
-
-
-# --------------------------------------------------------------------------- helpers for adapters
-
-
-# --------------------------------------------------------------------------- Oxford-IIIT Pet
-
-
-# --------------------------------------------------------------------------- Stanford Dogs
-
-
-# --------------------------------------------------------------------------- Oxford 102 Flowers
-
-
-# --------------------------------------------------------------------------- STL-10
-
-
-# --------------------------------------------------------------------------- Food-101
-
-
-# --------------------------------------------------------------------------- AWA2
 
 
 # --------------------------------------------------------------------------- registry

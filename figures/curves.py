@@ -1,5 +1,4 @@
-"""Training curves of a run from its metrics.csv: accuracy and every loss term per pass.
-"""
+"""Training curves of a run from its metrics.csv: accuracy and every loss term per pass."""
 import csv
 import math
 import os
@@ -8,8 +7,6 @@ from figures.drawing import new_figure
 
 
 PHASE_COLOURS = {'warm': '#8c8c8c', 'joint': '#1f77b4', 'push': '#d62728', 'last': '#2ca02c'}
-
-
 CURVE_PANELS = (('accuracy', 'accuracy (%)'), ('cross_entropy', 'cross entropy'), ('cluster', 'cluster cost'),
                 ('separation', 'separation cost'), ('attention', 'attention MSE'), ('l1', '|W|_1'),
                 ('p_dist_pair', 'mean pairwise word distance'), ('lr_features', 'backbone lr'))

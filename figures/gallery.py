@@ -15,8 +15,6 @@ from figures.drawing import draw_box, fit_text, get_font, load_thumbnail, new_fi
 
 
 WORDS_PER_PAGE = 50
-
-
 USE_REL = 0.5   # the relative threshold of word_metrics.classes_per_word
 
 

@@ -22,11 +22,7 @@ from run import config
 
 
 MASK_SUFFIX = '.masks.npz'
-
-
 IOU_THR = 50  # eval_iou.py's percentile threshold for the IoU with the base model's Grad-CAM
-
-
 HEADLINE = (('iou_gradcam', 'IoU with the base Grad-CAM, thr %d' % IOU_THR, 'higher'),
             ('pointing_game', 'pointing game (object), class mean', 'higher'),
             ('stochastic_pointing_game', 'stochastic pointing game (object), %', 'higher'),

@@ -109,6 +109,8 @@ _shape = _scalar('(P, D, 1, 1) with whole numbers P, D >= 1', lambda v: isinstan
                  and all(_is_int(x) and x >= 1 for x in v) and tuple(v[2:]) == (1, 1))
 
 
+# ---- the rules of settings.py's names ----------------------------------------------------------
+
 _lr = _number(0, above=True)
 _decay = _number(0)
 _optimizer = _choice('adamw', 'sgd')

@@ -1,11 +1,13 @@
-"""Animals with Attributes 2: no official split; a seeded per-class test fraction.
-"""
+"""Animals with Attributes 2: no official split; a seeded per-class test fraction."""
 from __future__ import annotations
+
 import hashlib
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
-from data.sources.common import Context, IMAGE_SUFFIXES, Item, Listing, MissingComponent, PrepareError, order_notes, record_class_id, warn
+
+from data.sources.common import (Context, IMAGE_SUFFIXES, Item, Listing, MissingComponent, PrepareError, order_notes,
+                                 record_class_id, warn)
 
 
 def locate_awa2(ctx: Context) -> dict:

@@ -4,6 +4,7 @@ official archives (tar, zip), recognising which dataset an archive holds, and sm
 (.mat files, class ids) for the converters.
 """
 from __future__ import annotations
+
 import lzma
 import os
 import re
@@ -15,31 +16,18 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
 import numpy as np
 from tqdm import tqdm
 
 
 TOOL = "prepare_datasets"
-
-
 FORMAT_VERSION = 1
-
-
 SPLITS = ("train", "test")
-
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
 MASK_SUFFIX = ".masks.npz"
-
-
 SAMPLE_MEMBERS = 40          # archive members read to recognise which dataset it holds
-
-
 SEARCH_DEPTH = 3             # how deep below a source folder the dataset layout is searched
 
 
@@ -49,6 +37,9 @@ class PrepareError(Exception):
 
 class MissingComponent(PrepareError):
     """A file or folder of the official layout is not among the sources."""
+
+
+# --------------------------------------------------------------------------- data types
 
 
 @dataclass
@@ -118,6 +109,9 @@ class Spec:
     wanted: Callable[[str], bool]
 
 
+# --------------------------------------------------------------------------- messages
+
+
 def info(msg: str) -> None:
     """Print a progress/info line on stdout."""
     print(msg, flush=True)
@@ -138,6 +132,9 @@ def progress(iterable=None, total=None, desc: str = ""):
     """A tqdm bar on stderr, hidden when stderr is not a terminal."""
     return tqdm(iterable, total=total, desc=desc, unit="img", file=sys.stderr,
                 disable=None, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- searching
 
 
 def iter_dirs(roots: Sequence[Path], max_depth: int = SEARCH_DEPTH):
@@ -177,6 +174,9 @@ def require_file(path: Path, shown: str, context: str = "") -> None:
     if not path.is_file():
         where = f" ({context})" if context else ""
         raise PrepareError(f"missing file {shown}{where}: not found in the source")
+
+
+# --------------------------------------------------------------------------- archives
 
 
 def archive_kind(path: Path) -> Optional[str]:
@@ -266,6 +266,9 @@ def extract_archive(path: Path, dest: Path, wanted: Callable[[str], bool]) -> in
             lzma.LZMAError, ValueError) as exc:
         raise PrepareError(f"cannot read archive {path}: {describe_exc(exc)}") from None
     return count
+
+
+# --------------------------------------------------------------------------- sources
 
 
 def classify_sources(srcs: Sequence[Path]):
@@ -367,6 +370,9 @@ def gather_listing(spec: Spec, srcs: Sequence[Path], ws: Path, opts: dict,
         except MissingComponent as err2:
             raise diagnose(spec, ctx.roots, err2, specs) from None
     return spec.collect(ctx, located)
+
+
+# --------------------------------------------------------------------------- helpers for the converters
 
 
 def load_mat(path: Path, shown: str) -> dict:

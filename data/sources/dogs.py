@@ -1,13 +1,16 @@
-"""Stanford Dogs: the official train / test lists, a mask and the boxes from each VOC annotation.
-"""
+"""Stanford Dogs: the official train / test lists, a mask and the boxes from each VOC annotation."""
 from __future__ import annotations
+
 import os
 import xml.etree.ElementTree as ET
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
 import numpy as np
-from data.sources.common import Context, Item, Listing, PrepareError, SPLITS, describe_exc, load_mat, mat_ints, mat_key, mat_strings, order_notes, record_class_id, require_file
+
+from data.sources.common import (Context, Item, Listing, PrepareError, SPLITS, describe_exc, load_mat, mat_ints,
+                                 mat_key, mat_strings, order_notes, record_class_id, require_file)
 
 
 def locate_dogs(ctx: Context) -> dict:

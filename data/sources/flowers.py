@@ -1,14 +1,14 @@
-"""Oxford 102 Flowers: the splits of setid.mat (trn, val, tst), the labels of imagelabels.mat.
-"""
+"""Oxford 102 Flowers: the splits of setid.mat (trn, val, tst), the labels of imagelabels.mat."""
 from __future__ import annotations
+
 from typing import Dict, List, Optional
-from data.sources.common import Context, Item, Listing, PrepareError, SPLITS, load_mat, mat_ints, mat_key, record_class_id, require_file
+
+from data.sources.common import (Context, Item, Listing, PrepareError, SPLITS, load_mat, mat_ints, mat_key,
+                                 record_class_id, require_file)
 
 
 # Oxford 102 Flowers official splits (keys of setid.mat) and their sizes.
 FLOWER_SPLIT_KEYS = {"trn": "trnid", "val": "valid", "tst": "tstid"}
-
-
 FLOWER_SPLIT_SIZES = {"trn": 1020, "val": 1020, "tst": 6149}
 
 

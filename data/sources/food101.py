@@ -1,9 +1,11 @@
-"""Food-101: the official meta/train.json and meta/test.json splits.
-"""
+"""Food-101: the official meta/train.json and meta/test.json splits."""
 from __future__ import annotations
+
 from pathlib import Path
 from typing import Dict, List, Optional
-from data.sources.common import Context, Item, Listing, MissingComponent, PrepareError, SPLITS, describe_exc, order_notes, record_class_id, require_file, tv_root
+
+from data.sources.common import (Context, Item, Listing, MissingComponent, PrepareError, SPLITS, describe_exc,
+                                 order_notes, record_class_id, require_file, tv_root)
 
 
 def locate_food101(ctx: Context) -> dict:

@@ -1,12 +1,15 @@
-"""Oxford-IIIT Pet: the official trainval / test lists, a foreground mask from each trimap.
-"""
+"""Oxford-IIIT Pet: the official trainval / test lists, a foreground mask from each trimap."""
 from __future__ import annotations
+
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
+
 import numpy as np
 from PIL import Image
-from data.sources.common import Context, Item, Listing, MissingComponent, PrepareError, describe_exc, order_notes, record_class_id, require_file, tv_root
+
+from data.sources.common import (Context, Item, Listing, MissingComponent, PrepareError, describe_exc, order_notes,
+                                 record_class_id, require_file, tv_root)
 
 
 # Oxford-IIIT Pet trimap values: 1 foreground, 2 background, 3 boundary / not classified.

@@ -1,21 +1,19 @@
-"""STL-10: the labelled binary train / test arrays rendered to PNG files.
-"""
+"""STL-10: the labelled binary train / test arrays rendered to PNG files."""
 from __future__ import annotations
+
 from functools import partial
 from pathlib import Path
 from typing import List
+
 import numpy as np
 from PIL import Image
+
 from data.sources.common import Context, Item, Listing, MissingComponent, PrepareError, SPLITS, order_notes
 
 
 # STL-10 binary format: uint8, 3 x 96 x 96 per image, each channel stored column-major.
 STL_SIDE = 96
-
-
 STL_IMAGE_BYTES = 3 * STL_SIDE * STL_SIDE
-
-
 STL_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt")
 
 
