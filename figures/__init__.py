@@ -1,0 +1,1 @@
+"""Pictures of runs and words: galleries, weight heatmaps, training curves, report.md, parts per class."""

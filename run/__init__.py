@@ -1,0 +1,1 @@
+"""Run machinery: settings and their rules, checkpoints, resume state, torchrun, one-line errors."""
