@@ -63,7 +63,7 @@ import torch
 
 import peers
 from data.image_data import ImageDataset, check_same_classes, open_attention_maps
-from figures import word_parts as word_parts_figure
+from figures import word_parts
 from metrics import interp_metrics as im
 from metrics.scoring import evaluate, evenly_spaced, load_masks, to_markdown
 from model import model_from_checkpoint
@@ -289,7 +289,7 @@ def main(argv=None):
         parts = res['sources'][src.name].get('cells', {}).get('top_cells_on_parts')
         if isinstance(src, WordSource) and parts:
             to_uint8 = lambda i: np.uint8(np.round(255 * dataset[indices[i]][0].permute(1, 2, 0).numpy()))
-            picture = word_parts_figure.draw_class_words(
+            picture = word_parts.draw_class_words(
                 os.path.join(out, 'parts_%s.png' % src.name), to_uint8, torch.tensor(parts['top_cells']),
                 torch.tensor(parts['cell_categories']), src.weight, dataset.classes, res['part_names'],
                 tuple(res['sources'][src.name]['cells']['top_cells_on_object']['params']['grid']))

@@ -235,9 +235,9 @@ def draw_analysis(image, r, info, class_names, out_path, tile=112):
                  None,
                  ('source: %s' % src['class']) if src else 'source: -',
                  drawing.wrap_names('used by %d: ' % len(w['classes_using_word']),
-                                 gallery.short_class_names(w['classes_using_word'],
-                                                       40 if len(w['classes_using_word']) == 1 else 16),
-                                 font, text_w, 1)[0]
+                                    gallery.short_class_names(w['classes_using_word'],
+                                                              40 if len(w['classes_using_word']) == 1 else 16),
+                                    font, text_w, 1)[0]
                  if w['classes_using_word'] else 'used by no class']
         ty = top + 2
         for line in lines:
