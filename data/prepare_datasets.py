@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Convert the six Learnable-Visual-Words benchmarks into torchvision ImageFolder layout.
+"""Convert the six Learnable-Visual-Words benchmarks, and Animal-MNIST, into torchvision ImageFolder layout.
 
     python data/prepare_datasets.py NAME --src DIR_OR_ARCHIVE [--src ...] --out data/NAME
 
-NAME is one of pets, dogs, awa2, flowers, stl10, food101.  ``--src`` is the official
+NAME is one of pets, dogs, awa2, flowers, stl10, food101, animal_mnist.  ``--src`` is the official
 archive (repeat it for datasets that ship several), a folder holding the official
 archives, or an already extracted folder.  The result is
 
@@ -44,6 +44,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python data/prepare_datasets.py`: the packages are in the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.sources.animal_mnist import animal_mnist_wanted, collect_animal_mnist, locate_animal_mnist
 from data.sources.awa2 import awa2_wanted, collect_awa2, locate_awa2
 from data.sources.common import (FORMAT_VERSION, Item, MASK_SUFFIX, PrepareError, SPLITS, Spec, TOOL, archive_kind,
                                  describe_exc, gather_listing, info, progress, want_all, warn)
@@ -61,6 +62,9 @@ DATASET_OPTIONS = {
     "flowers_test": ("flowers", "tst"),
     "awa2_test_fraction": ("awa2", 0.3),
     "awa2_seed": ("awa2", 0),
+    "animal_mnist_test_fraction": ("animal_mnist", 0.3),
+    "animal_mnist_seed": ("animal_mnist", 0),
+    "animal_mnist_size": ("animal_mnist", 112),
 }
 
 
@@ -68,7 +72,7 @@ DATASET_OPTIONS = {
 
 
 def dataset_specs() -> Dict[str, Spec]:
-    """The six supported datasets."""
+    """The supported datasets: the six of the LVW paper, and Animal-MNIST (real silhouettes, installable offline)."""
     specs = [
         Spec("pets", "Oxford-IIIT Pet", ("images.tar.gz", "annotations.tar.gz"),
              (r"^images/[^/]+_\d+\.\w+$", r"^annotations/"),
@@ -94,6 +98,10 @@ def dataset_specs() -> Dict[str, Spec]:
              (r"^food-101/",),
              ("food-101", "meta/train.json", "meta/classes.txt"),
              locate_food101, collect_food101, want_all),
+        Spec("animal_mnist", "Animal-MNIST", ("animal_mnist-0.4-py3-none-any.whl",),
+             (r"^animal_mnist/data/Animal_MNIST/animal_(?:data|label)_version_3\.gz$",),
+             ("Animal_MNIST", "animal_data_version_3.gz"),
+             locate_animal_mnist, collect_animal_mnist, animal_mnist_wanted),
     ]
     return {s.name: s for s in specs}
 
@@ -410,9 +418,11 @@ def resolve_options(name: str, args: argparse.Namespace) -> dict:
         shared = set(opts["flowers_train"]) & set(opts["flowers_test"])
         if shared:
             raise PrepareError(f"--flowers-train and --flowers-test share {sorted(shared)}")
-    if name == "awa2" and not 0.0 < float(opts["awa2_test_fraction"]) < 1.0:
-        raise PrepareError(f"--awa2-test-fraction {opts['awa2_test_fraction']} must lie strictly "
-                           f"between 0 and 1")
+    for key in ("awa2_test_fraction", "animal_mnist_test_fraction"):
+        if key in opts and not 0.0 < float(opts[key]) < 1.0:
+            raise PrepareError(f"--{key.replace('_', '-')} {opts[key]} must lie strictly between 0 and 1")
+    if name == "animal_mnist" and not 28 <= opts["animal_mnist_size"] <= 1024:
+        raise PrepareError(f"--animal-mnist-size {opts['animal_mnist_size']} must lie between 28 and 1024 px")
     return opts
 
 
@@ -580,6 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--awa2-test-fraction", type=float, default=None,
                    help="awa2: fraction of each class put in test (default 0.3)")
     g.add_argument("--awa2-seed", type=int, default=None, help="awa2: split seed (default 0)")
+    g.add_argument("--animal-mnist-test-fraction", type=float, default=None,
+                   help="animal_mnist: fraction of each class put in test (default 0.3)")
+    g.add_argument("--animal-mnist-seed", type=int, default=None, help="animal_mnist: split seed (default 0)")
+    g.add_argument("--animal-mnist-size", type=int, default=None,
+                   help="animal_mnist: side in px the 28 px images are upsampled to (default 112)")
     return p
 
 

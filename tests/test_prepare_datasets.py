@@ -21,7 +21,7 @@ import scipy.io as sio
 from PIL import Image
 
 from data import prepare_datasets as prep
-from data.sources import awa2
+from data.sources.common import seeded_test_count
 
 REPO = Path(__file__).resolve().parents[1]
 MTIME = 1_600_000_000
@@ -396,10 +396,78 @@ def build_awa2(root: Path, variant=None) -> Mini:
     mini.check = check
     return mini
 
+AM_DIR = "animal_mnist/data/Animal_MNIST"
+
+
+def am_block(k: int):
+    """Image k of the miniature Animal-MNIST: a block of value 200 on a zero background, rows
+    r0..r0+7 and columns c0..c0+11 (inclusive), placed by k so that no two images are equal."""
+    r0, c0 = 2 + 2 * (k % 7), 3 + (k // 7) % 9
+    return r0, r0 + 7, c0, c0 + 11
+
+
+def am_mask_112(r0, r1, c0, c1):
+    """The block's mask after PIL's bilinear upsampling 28 -> 112 px (scale 4, support 1): output
+    pixel y samples input (y + 0.5) / 4 - 0.5 and is non-zero where that lies strictly inside
+    (r0 - 1, r1 + 1), i.e. rows 4 r0 - 2 .. 4 r1 + 5; the same for columns."""
+    mask = np.zeros((112, 112), bool)
+    mask[4 * r0 - 2:4 * r1 + 6, 4 * c0 - 2:4 * c1 + 6] = True
+    return mask
+
+
+def build_animal_mnist(root: Path, variant=None) -> Mini:
+    """The wheel's two pickles: 3 classes x 5 images, plus an exact duplicate (removed) and the same
+    pixels under another label (kept: a duplicate is the same pixels *and* label)."""
+    import gzip
+    import pickle
+    rows, labels = [], []
+    for label in range(3):
+        for j in range(5):
+            rows.append(5 * label + j)
+            labels.append(label)
+    rows += [6, 6]          # index 15: image 6 again with its label 1 (duplicate); 16: image 6 as class 2
+    labels += [1, 2]
+    images = np.zeros((len(rows), 28, 28), np.uint8)
+    for i, k in enumerate(rows):
+        r0, r1, c0, c1 = am_block(k)
+        images[i, r0:r1 + 1, c0:c1 + 1] = 200
+    mini = Mini(srcs=[root / "animal_mnist-0.4-py3-none-any.whl"], corrupt="animal_data_version_3.gz",
+                missing="animal_label_version_3.gz")
+    names = ("bear", "bird", "cat")
+    for label, cls in enumerate(names):
+        files = {f"am_{i:05d}.png": rows[i] for i in range(len(rows)) if labels[i] == label and i != 15}
+        test = awa2_expected_test(cls, files, n_test=2 if len(files) >= 5 else 1)
+        for f, k in files.items():
+            split = "test" if f in test else "train"
+            mini.add(split, cls, f)
+            mini.masks[f"{split}/{cls}/{f}"] = {"object": am_mask_112(*am_block(k))}
+    data = gzip.compress(pickle.dumps(images))
+    if variant == "corrupt":
+        data = data[:len(data) // 2]
+    members = {"animal_mnist/__init__.py": b"", f"{AM_DIR}/animal_data_version_3.gz": data,
+               "animal_mnist-0.4.dist-info/METADATA": b"Name: animal_mnist\n"}
+    if variant != "missing":
+        members[f"{AM_DIR}/animal_label_version_3.gz"] = gzip.compress(pickle.dumps(np.array(labels, np.int64)))
+    write_zip(root / "animal_mnist-0.4-py3-none-any.whl", members)
+
+    def check(out: Path) -> None:
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["options"]["animal_mnist_size"] == 112 and man["options"]["animal_mnist_seed"] == 0
+        assert "1 exact duplicates removed" in man["notes"]
+        for rel in mini.masks:
+            with Image.open(out / rel) as im:
+                assert im.mode == "RGB" and im.size == (112, 112)
+                pixels = np.asarray(im)
+            with np.load(out / (rel[:-4] + ".masks.npz")) as m:
+                np.testing.assert_array_equal(m["object"], pixels[..., 0] > 0)  # the mask is the image's x > 0
+    mini.check = check
+    return mini
+
 
 BUILDERS = {"pets": build_pets, "dogs": build_dogs, "flowers": build_flowers,
-            "stl10": build_stl10, "food101": build_food101, "awa2": build_awa2}
-WITH_MASKS = {"pets", "dogs"}
+            "stl10": build_stl10, "food101": build_food101, "awa2": build_awa2, "animal_mnist": build_animal_mnist}
+WITH_MASKS = {"pets", "dogs", "animal_mnist"}
+OFFICIAL_TOTAL = {"awa2": 37322, "animal_mnist": 9716}
 OFFICIAL_TRAIN = {"pets": 3680, "dogs": 12000, "flowers": 2040, "stl10": 5000, "food101": 75750}
 
 
@@ -457,7 +525,7 @@ def test_convert_counts_membership_masks_manifest(tmp_path, capsys, name):
         assert man["expected"]["train"]["images"] == OFFICIAL_TRAIN[name]
         assert f"expected {OFFICIAL_TRAIN[name]} images" in text
     else:
-        assert "expected 37322 images" in text
+        assert "expected %d images" % OFFICIAL_TOTAL[name] in text
     if mini.check:
         mini.check(out)
 
@@ -503,7 +571,7 @@ def test_missing_member_is_an_error(tmp_path, capsys, name):
 
 
 WRONG = {"pets": "food101", "dogs": "pets", "awa2": "stl10", "flowers": "awa2",
-         "stl10": "dogs", "food101": "flowers"}
+         "stl10": "dogs", "food101": "flowers", "animal_mnist": "stl10"}
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -699,8 +767,8 @@ def test_awa2_seed_and_fraction(tmp_path, capsys):
 
 
 def test_awa2_test_count_rule():
-    assert [awa2.awa2_test_count(n, 0.3) for n in (0, 1, 2, 5, 10, 100)] == [0, 0, 1, 2, 3, 30]
-    assert awa2.awa2_test_count(3, 0.99) == 2
+    assert [seeded_test_count(n, 0.3) for n in (0, 1, 2, 5, 10, 100)] == [0, 0, 1, 2, 3, 30]
+    assert seeded_test_count(3, 0.99) == 2
 
 
 def test_corrupt_archive_is_an_error(tmp_path, capsys):
@@ -758,3 +826,37 @@ def test_cli_runs_from_repo_root(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "STL-10" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_animal_mnist_from_the_installed_package_folder(tmp_path, capsys):
+    mini = make(tmp_path, "animal_mnist")
+    site = tmp_path / "site-packages"
+    with zipfile.ZipFile(mini.srcs[0]) as zf:
+        zf.extractall(site)
+    out = tmp_path / "out"
+    rc, text = run(capsys, "animal_mnist", "--src", site / "animal_mnist", "--out", out)
+    assert rc == 0, text
+    assert tree_listing(out) == {"train": mini.train, "test": mini.test}
+
+
+def test_animal_mnist_pickles_may_hold_only_arrays(tmp_path, capsys):
+    """A pickle can run code: one naming anything but numpy's array classes is refused, in one line."""
+    import gzip
+    import pickle
+    mini = make(tmp_path, "animal_mnist")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(mini.srcs[0]) as zf:
+        zf.extractall(site)
+    (site / AM_DIR / "animal_label_version_3.gz").write_bytes(gzip.compress(pickle.dumps(print)))
+    rc, text = run(capsys, "animal_mnist", "--src", site, "--out", tmp_path / "out")
+    assert rc != 0 and "Traceback" not in text
+    assert "cannot read animal_label_version_3.gz: UnpicklingError: refused builtins.print" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_animal_mnist_options_are_checked(tmp_path, capsys):
+    mini = make(tmp_path, "animal_mnist")
+    for option, value, message in (("--animal-mnist-test-fraction", "1.0", "must lie strictly between 0 and 1"),
+                                   ("--animal-mnist-size", "20", "must lie between 28 and 1024 px")):
+        rc, text = convert(capsys, "animal_mnist", mini, tmp_path / "out", option, value)
+        assert rc != 0 and message in text

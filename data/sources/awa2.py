@@ -1,13 +1,12 @@
 """Animals with Attributes 2: no official split; a seeded per-class test fraction."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from data.sources.common import (Context, IMAGE_SUFFIXES, Item, Listing, MissingComponent, PrepareError, order_notes,
-                                 record_class_id, warn)
+                                 record_class_id, seeded_test_files, warn)
 
 
 def locate_awa2(ctx: Context) -> dict:
@@ -39,24 +38,6 @@ def parse_awa2_classes(path: Path) -> List[tuple]:
     return pairs
 
 
-def awa2_test_count(n: int, fraction: float) -> int:
-    """Test images for a class of n: round(n * fraction), at least 1 and at most n - 1."""
-    if n < 2:
-        return 0
-    return min(max(int(n * fraction + 0.5), 1), n - 1)
-
-
-def awa2_split_key(seed: int, cls: str, fname: str) -> str:
-    """Sort key of the seeded split: sha256 of '<seed>/<class>/<file name>'."""
-    return hashlib.sha256(f"{seed}/{cls}/{fname}".encode()).hexdigest()
-
-
-def awa2_test_files(cls: str, files: Sequence[str], fraction: float, seed: int) -> List[str]:
-    """The files of one class that go to test (stable across platforms and library versions)."""
-    ordered = sorted(files, key=lambda f: awa2_split_key(seed, cls, f))
-    return ordered[:awa2_test_count(len(files), fraction)]
-
-
 def collect_awa2(ctx: Context, loc: dict) -> Listing:
     """Seeded stratified split of JPEGImages/<class>/ for the classes in classes.txt."""
     fraction, seed = ctx.opts["awa2_test_fraction"], ctx.opts["awa2_seed"]
@@ -73,7 +54,7 @@ def collect_awa2(ctx: Context, loc: dict) -> Listing:
         if not files:
             raise PrepareError(f"folder JPEGImages/{cls}/ holds no images")
         record_class_id(class_ids, cls, cid, "classes.txt")
-        test = set(awa2_test_files(cls, files, fraction, seed))
+        test = set(seeded_test_files(cls, files, fraction, seed))
         for fname in files:
             split = "test" if fname in test else "train"
             items.append(Item(split, cls, fname, f"JPEGImages/{cls}/{fname}", source=folder / fname))

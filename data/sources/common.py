@@ -5,6 +5,7 @@ official archives (tar, zip), recognising which dataset an archive holds, and sm
 """
 from __future__ import annotations
 
+import hashlib
 import lzma
 import os
 import re
@@ -180,9 +181,9 @@ def require_file(path: Path, shown: str, context: str = "") -> None:
 
 
 def archive_kind(path: Path) -> Optional[str]:
-    """'zip', 'tar' or None, judged by the file name."""
+    """'zip' (also .whl), 'tar' or None, judged by the file name."""
     name = path.name.lower()
-    if name.endswith(".zip"):
+    if name.endswith((".zip", ".whl")):  # a wheel is a zip archive (Animal-MNIST ships as one)
         return "zip"
     if name.endswith(TAR_SUFFIXES):
         return "tar"
@@ -439,3 +440,22 @@ def tv_root(ws: Path, tag: str) -> Path:
 def want_all(_name: str) -> bool:
     """Archive member filter that keeps everything."""
     return True
+
+
+def seeded_test_count(n: int, fraction: float) -> int:
+    """Test images for a class of n: round(n * fraction), at least 1 and at most n - 1."""
+    if n < 2:
+        return 0
+    return min(max(int(n * fraction + 0.5), 1), n - 1)
+
+
+def seeded_split_key(seed: int, cls: str, fname: str) -> str:
+    """Sort key of the seeded split: sha256 of '<seed>/<class>/<file name>'."""
+    return hashlib.sha256(f"{seed}/{cls}/{fname}".encode()).hexdigest()
+
+
+def seeded_test_files(cls: str, files: Sequence[str], fraction: float, seed: int) -> List[str]:
+    """The files of one class that go to test (stable across platforms and library versions);
+    the split of the datasets without an official one (AWA2, Animal-MNIST)."""
+    ordered = sorted(files, key=lambda f: seeded_split_key(seed, cls, f))
+    return ordered[:seeded_test_count(len(files), fraction)]
