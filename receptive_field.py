@@ -82,12 +82,12 @@ def push_cells(H, W, exclude_border, device=None):
 
 
 def main(argv=None):
-    from model import ResNetFeatures
+    from model import make_backbone
     parser = argparse.ArgumentParser(description='Receptive field of the LVW word layer.')
     parser.add_argument('-arch', default='resnet34')
     parser.add_argument('-img_size', type=int, default=224)
     args = parser.parse_args(argv)
-    info = word_layer_rf_info(args.img_size, layer_specs(ResNetFeatures(args.arch)))
+    info = word_layer_rf_info(args.img_size, layer_specs(make_backbone(args.arch)))
     print('%s at %d px: [n, jump, rf, start] = %s' % (args.arch, args.img_size, info))
 
 

@@ -138,9 +138,9 @@ def word_maxima(sim_maps, size, interpolation, max_elements=1 << 24):
 def word_grid(s):
     """(Hg, Wg) of the word layer of settings `s` (its backbone at img_size), the grid a map of a
     model without words (Grad-CAM, a peer) is pooled to for the cell rules."""
-    from model import ResNetFeatures
+    from model import make_backbone
     from receptive_field import layer_specs, word_layer_rf_info
-    n = int(word_layer_rf_info(s['img_size'], layer_specs(ResNetFeatures(s['base_architecture'])))[0])
+    n = int(word_layer_rf_info(s['img_size'], layer_specs(make_backbone(s['base_architecture'])))[0])
     return (n, n)
 
 

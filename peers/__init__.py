@@ -27,9 +27,19 @@ def method_module(method):
     return importlib.import_module('peers.' + METHODS[method])
 
 
+# the peers whose recipes name ResNet layers (SCOUTER freezes layer1..4, LFI-CAM sets conv1's stride);
+# GC needs only a trunk and its last feature map, so it also runs on MobileNetV2
+RESNET_ONLY = ('scouter+', 'scouter-', 'lfi_cam')
+
+
 def build_peer(method, s, num_classes):
     """The untrained model of `method` for resolved settings `s` (no weights loaded)."""
-    return method_module(method).build(s, num_classes, method)
+    module = method_module(method)
+    if method in RESNET_ONLY and not s['base_architecture'].startswith('resnet'):
+        from run.errors import UserError
+        raise UserError('%s needs a ResNet trunk (its recipe names ResNet layers); base_architecture is %r'
+                        % (LABELS[method], s['base_architecture']))
+    return module.build(s, num_classes, method)
 
 
 def is_peer_checkpoint(ckpt):

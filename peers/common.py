@@ -4,7 +4,7 @@ and map post-processing. Nothing here knows about a particular method.
 A peer method is a module of this package with:
     PREFIX                       its settings prefix ('scouter', 'gc', 'lfi'): <PREFIX>_lr, _epochs, ...
     build(s, num_classes, method)  -> nn.Module; forward(x normalised (B, 3, S, S)) -> logits (B, K);
-                                    the ResNet trunk is `model.trunk` (a model.ResNetFeatures)
+                                    the trunk is `model.trunk` (model.make_backbone: a ResNet or MobileNetV2)
     trainable_parameters(model, s)  -> the parameters its optimiser updates (after any freezing)
     train_dataset(dataset, s)    -> the training dataset (the plain ImageDataset, or a wrapper)
     batch_loss(model, images, labels, extra, s, method) -> (terms: {name: scalar, 'total': ...}, logits)
@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from gradcam_extract import minmax_per_image
-from model import ResNetFeatures, load_start_weights
+from model import load_start_weights, make_backbone
 from run.config import UserError
 
 
 def make_trunk(s):
     """The same torchvision ResNet trunk as LVW's backbone (conv1 ... layer4, no pool, no fc)."""
-    return ResNetFeatures(s['base_architecture'], s.get('backbone_padding', 'zeros'))
+    return make_backbone(s['base_architecture'], s.get('backbone_padding', 'zeros'))
 
 
 def start_trunk(model, s, weights=None, log=print):

@@ -123,7 +123,7 @@ _signs = ('+', '-')  # SCOUTER+ and SCOUTER- values
 RULES = {
     'dataset': _folder(),
     # model
-    'base_architecture': _choice('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'),  # model.RESNETS
+    'base_architecture': _choice('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'mobilenet_v2'),  # model.BACKBONES
     'pretrained': _bool,
     'img_size': _int(32),
     'prototype_shape': _shape,
