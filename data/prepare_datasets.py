@@ -65,6 +65,7 @@ DATASET_OPTIONS = {
     "animal_mnist_test_fraction": ("animal_mnist", 0.3),
     "animal_mnist_seed": ("animal_mnist", 0),
     "animal_mnist_size": ("animal_mnist", 112),
+    "animal_mnist_per_class": ("animal_mnist", None),
 }
 
 
@@ -421,6 +422,8 @@ def resolve_options(name: str, args: argparse.Namespace) -> dict:
     for key in ("awa2_test_fraction", "animal_mnist_test_fraction"):
         if key in opts and not 0.0 < float(opts[key]) < 1.0:
             raise PrepareError(f"--{key.replace('_', '-')} {opts[key]} must lie strictly between 0 and 1")
+    if name == "animal_mnist" and opts["animal_mnist_per_class"] is not None and opts["animal_mnist_per_class"] < 2:
+        raise PrepareError(f"--animal-mnist-per-class {opts['animal_mnist_per_class']} must be at least 2")
     if name == "animal_mnist" and not 28 <= opts["animal_mnist_size"] <= 1024:
         raise PrepareError(f"--animal-mnist-size {opts['animal_mnist_size']} must lie between 28 and 1024 px")
     return opts
@@ -595,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--animal-mnist-seed", type=int, default=None, help="animal_mnist: split seed (default 0)")
     g.add_argument("--animal-mnist-size", type=int, default=None,
                    help="animal_mnist: side in px the 28 px images are upsampled to (default 112)")
+    g.add_argument("--animal-mnist-per-class", type=int, default=None, metavar="N",
+                   help="animal_mnist: keep N images per class, the first in the split's seeded order (default all)")
     return p
 
 

@@ -860,3 +860,19 @@ def test_animal_mnist_options_are_checked(tmp_path, capsys):
                                    ("--animal-mnist-size", "20", "must lie between 28 and 1024 px")):
         rc, text = convert(capsys, "animal_mnist", mini, tmp_path / "out", option, value)
         assert rc != 0 and message in text
+
+
+def test_animal_mnist_per_class_keeps_the_first_in_the_seeded_order(tmp_path, capsys):
+    mini = make(tmp_path, "animal_mnist")
+    out = tmp_path / "out"
+    rc, text = convert(capsys, "animal_mnist", mini, out, "--animal-mnist-per-class", "3")
+    assert rc == 0, text
+    key = lambda cls, f: hashlib.sha256(f"0/{cls}/{f}".encode()).hexdigest()  # noqa: E731
+    want = {"train": {}, "test": {}}
+    for cls in ("bear", "bird", "cat"):
+        files = set(mini.train[cls]) | set(mini.test[cls])
+        kept = sorted(files, key=lambda f: key(cls, f))[:3]
+        want["test"][cls], want["train"][cls] = set(kept[:1]), set(kept[1:])  # round(3 * 0.3) = 1 to test
+    assert tree_listing(out) == want
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["options"]["animal_mnist_per_class"] == 3 and "the first 3 in the order below" in man["split_recipe"]

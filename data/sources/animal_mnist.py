@@ -9,7 +9,8 @@ They are unpickled with only numpy's array classes allowed (a pickle can run cod
 duplicates (same pixels and label) are removed, keeping the first; there is no official split, so
 each class is split as AWA2 is (seeded, common.seeded_test_files). Each image is upsampled to
 `--animal-mnist-size` px (bilinear, which keeps the background exactly 0) and written as an RGB
-PNG; its `object` mask is that upsampled image's `x > 0`.
+PNG; its `object` mask is that upsampled image's `x > 0`. `--animal-mnist-per-class N` keeps N images
+of each class (the first N in the split's seeded order), for runs that must be short.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from typing import Dict, List
 import numpy as np
 from PIL import Image
 
-from data.sources.common import Context, Item, Listing, PrepareError, describe_exc, order_notes, seeded_test_files
+from data.sources.common import (Context, Item, Listing, PrepareError, describe_exc, order_notes, seeded_split_key,
+                                 seeded_test_files)
 
 DATA_FILE = "animal_data_version_3.gz"
 LABEL_FILE = "animal_label_version_3.gz"
@@ -105,6 +107,7 @@ def collect_animal_mnist(ctx: Context, loc: dict) -> Listing:
     """Duplicates removed, then a seeded stratified split; images named am_<index in the array>.png."""
     fraction, seed, size = (ctx.opts["animal_mnist_test_fraction"], ctx.opts["animal_mnist_seed"],
                             ctx.opts["animal_mnist_size"])
+    per_class = ctx.opts["animal_mnist_per_class"]
     images = read_array(loc["data"], DATA_FILE)
     labels = read_array(loc["labels"], LABEL_FILE)
     if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or images.dtype != np.uint8:
@@ -119,6 +122,8 @@ def collect_animal_mnist(ctx: Context, loc: dict) -> Listing:
     class_ids = {}
     for label, cls in enumerate(ANIMAL_CLASSES):
         names = {f"am_{i:05d}.png": i for i in keep if labels[i] == label}
+        if per_class:  # the first per_class in the split's own seeded order, so the subset is split alike
+            names = {n: names[n] for n in sorted(names, key=lambda n: seeded_split_key(seed, cls, n))[:per_class]}
         if not names:
             continue
         class_ids[cls] = label
@@ -131,11 +136,13 @@ def collect_animal_mnist(ctx: Context, loc: dict) -> Listing:
     return Listing(
         items=items,
         recipe=(f"no official split: {removed} exact duplicates (same pixels and label) removed, keeping the "
-                f"first; then per class, files sorted by sha256('{seed}/<class>/<file>'), the first "
+                f"first; " + (f"per class the first {per_class} in the order below kept; " if per_class else "") +
+                f"then per class, files sorted by sha256('{seed}/<class>/<file>'), the first "
                 f"round(n * {fraction}) (at least 1, at most n - 1) to test, the rest to train; 28 px images "
                 f"bilinear to {size} px RGB PNGs named am_<index in the array>.png"),
         class_ids=class_ids,
-        expected={"total": {"images": 9716}, "train": {"classes": 10}, "test": {"classes": 10}},
+        expected={"total": {"images": 9716 if not per_class else min(per_class, 1000) * 10},
+                  "train": {"classes": 10}, "test": {"classes": 10}},
         masks={"source": DATA_FILE, "object": f"pixel > 0 of the {size} px image (bilinear from 28 px)"},
         notes=[f"{removed} exact duplicates removed"] + order_notes(class_ids),
     )
