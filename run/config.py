@@ -144,6 +144,17 @@ def add_device_args(parser):
                         help='CUDA device index (several GPUs: torchrun --nproc_per_node N main.py ...)')
 
 
+def installed_package_file(package, relative):
+    """The path of `relative` inside the installed `package` (not imported), or None."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.join(folders[0], relative) if folders else None
+
+
 def pick_device(name='auto', gpuid='0'):
     """torch.device for 'auto' | 'cpu' | 'cuda'; `gpuid` picks the CUDA device."""
     import torch

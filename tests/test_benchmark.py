@@ -128,3 +128,24 @@ def test_quick_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     assert partial['command'] == 'python benchmark.py -quick -seeds 0 1 -out %s' % (tmp_path / 'partial')
     assert partial['claims'] == report['claims']
     assert 'Not run yet: seed 1: base;' in (tmp_path / 'partial' / 'toy_benchmark.md').read_text()
+
+
+def test_the_animal_mnist_plan(tmp_path, monkeypatch):
+    """-dataset animal_mnist: the subset of make demo-real, the preset's MobileNetV2, its own files;
+    the toy plan is as it was."""
+    plan = benchmark.Plan(False, [0, 1], 'animal_mnist')
+    assert plan.s['base_architecture'] == 'mobilenet_v2' and plan.s['pretrained'] is True
+    assert plan.s['data_path'] == './data/animal_mnist_small/' and plan.s['num_train_epochs'] == 11
+    assert plan.root == 'saved_models/benchmark_animal_mnist'
+    assert plan.base_path(1) == 'saved_models/benchmark_animal_mnist/seed1/animal_mnist_mobilenet_v2.pth'
+    assert plan.atts(0, 'test') == 'saved_models/benchmark_animal_mnist/seed0/grad_test_animal_mnist.npy'
+    assert plan.settings(1)[:2] == ['-dataset', 'animal_mnist'] and 'seed=1' in plan.settings(1)
+    toy = benchmark.Plan(False, [0])
+    assert toy.root == 'saved_models/benchmark' and toy.base_path(0) == 'saved_models/benchmark/seed0/toy_resnet18.pth'
+    assert toy.shared == ['%s=%r' % kv for kv in benchmark.FULL.items()]
+    with pytest.raises(config.UserError, match='-quick runs on its own tiny toy data'):
+        benchmark.Plan(True, [0], 'animal_mnist')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr('run.config.installed_package_file', lambda *a: None)
+    with pytest.raises(config.UserError, match='pip install --no-deps animal-mnist==0.4'):
+        benchmark.main(['-dataset', 'animal_mnist', '-seeds', '0'])

