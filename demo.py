@@ -99,7 +99,7 @@ def run_real_pipeline(pretrained, log):
     log('train LVW')
     summary = lvw_main.main(['-dataset', 'animal_mnist', '-set', *sets, '-train_atts', train_atts,
                              '-test_atts', test_atts, '-weights', base_path, '-overwrite'])
-    run_dir = summary['run_dir']
+    run_dir = config.run_dir(config.resolve_settings('animal_mnist', sets))
     iou = eval_iou.main(['-modeldir', run_dir, '-model', summary['final_checkpoint'], '-test_atts', test_atts,
                          '-thr', '50'])
     log('interpretability metrics against the silhouette masks')

@@ -12,6 +12,8 @@ Every input (settings, maps, images, weights) is checked before the run folder i
 After each pass, <run>/last.pth holds everything needed to continue: the same command with
 -resume picks up after the last finished pass (run/run_state.py). -overwrite moves an old run aside.
 `torchrun --nproc_per_node N main.py ...` trains on N processes (run/distributed.py); rank 0 writes.
+At the end: report.md (visualize.py) and, with push_save_images, the explorer site of the final
+checkpoint in <run>/explorer/ (explore.py).
 """
 import argparse
 import functools
@@ -24,7 +26,7 @@ import torch
 import push
 import train_and_test as tnt
 from data.image_data import FlipDraws, ImageDataset, check_images, check_same_classes, make_loader, read_sidecar_file
-from figures import gallery, run_report
+from figures import explorer, gallery, run_report
 from model import build_model
 from receptive_field import layer_specs, word_layer_rf_info
 from run import config, distributed, run_state
@@ -230,6 +232,8 @@ def train(run, s, folder, device, log=print, state=None):
         return summary
     run_state.finish_run(folder, summary)
     run_report.write_run_report(folder, log=log)
+    if s['push_save_images'] and summary['final_checkpoint']:
+        explorer.build_site_quietly(folder, summary['final_checkpoint'], log)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
     return summary
