@@ -18,6 +18,12 @@ The reference-shaped schedule on the toy data (make demo's data, Grad-CAM maps a
 run twice in a temporary folder: last_layer_cache False (the reference), then True. Prints each
 phase's wall time, both final accuracies, the Pets schedule's ratio projected from the measured
 per-image costs, and last `schedule ratio cached/faithful: R`.
+
+    python bench.py -site [-site_words 2000] [-site_classes 200] [-test_images 5000]
+
+The explorer's pages (figures/site.py) for a synthetic run of that size (5 training images a word,
+3 words a test image, 7 x 7 maps, 112 px images) in a temporary folder: prints the seconds to build
+them, the files written and the images copied (each once).
 """
 import argparse
 import copy
@@ -196,6 +202,42 @@ def schedule_bench(args):
             'per_image': per_image, 'pets_ratio': pets_ratio, 'ratio': ratio, 'equal_speed_ratio': equal_speed}
 
 
+def site_bench(args):
+    """-site: the explorer's write_site on a synthetic bundle of -site_words words and -test_images images."""
+    from PIL import Image
+
+    from figures import site
+    P, N, C, k = args.site_words, args.test_images, args.site_classes, 5
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        n_train = min(4 * P, 20000)
+        paths = []
+        for name, n in (('train', n_train), ('test', N)):
+            os.makedirs(os.path.join(root, name))
+            for i in range(n):
+                paths.append(os.path.join(root, name, '%d.png' % i))
+                Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(paths[-1])
+        train_paths, test_paths = paths[:n_train], paths[n_train:]
+        bundle = {'title': 'synthetic', 'description': '%d words, %d test images' % (P, N),
+                  'class_names': ['class %d' % c for c in range(C)], 'weight': rng.normal(size=(C, P)),
+                  'users': [[int(c)] for c in rng.integers(0, C, P)],
+                  'words': [{'source': None, 'top': [(int(i), 1.0, rng.random((7, 7))) for i in rng.integers(0, n_train, k)]}
+                            for _ in range(P)],
+                  'tests': [{'image': n, 'label': n % C, 'pred': n % C, 'probability': 0.9,
+                             'words': [(int(p), 1.0, 0.5, 0.5, rng.random((7, 7))) for p in rng.integers(0, P, 3)]}
+                            for n in range(N)],
+                  'train_paths': train_paths, 'train_labels': [i % C for i in range(n_train)], 'test_paths': test_paths}
+        start = time.time()
+        site.write_site(os.path.join(root, 'site'), bundle, log=lambda *_: None)
+        seconds = time.time() - start
+        files = sum(len(f) for _, _, f in os.walk(os.path.join(root, 'site')))
+        copied = sum(len(os.listdir(os.path.join(root, 'site', 'assets', s))) for s in ('train', 'test'))
+        distinct = len({i for w in bundle['words'] for i, _, _ in w['top']}) + N
+    print('explorer site: %d words, %d classes, %d test images: %.1f s, %d files, %d images copied (%d distinct)'
+          % (P, C, N, seconds, files, copied, distinct))
+    return seconds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-arch', default='resnet34')
@@ -207,6 +249,10 @@ def main(argv=None):
     parser.add_argument('-amp', default=None, choices=('bf16', 'fp16'), help='also time the joint step under autocast')
     parser.add_argument('-channels_last', action='store_true', help='... and/or with a channels-last backbone')
     parser.add_argument('-schedule', action='store_true', help='the schedule benchmark on the toy data (above)')
+    parser.add_argument('-site', action='store_true', help="the explorer's pages for a synthetic run (above)")
+    parser.add_argument('-site_words', type=int, default=2000, help='-site: words')
+    parser.add_argument('-site_classes', type=int, default=200, help='-site: classes')
+    parser.add_argument('-test_images', type=int, default=5000, help='-site: test images')
     parser.add_argument('-epochs', type=int, default=21, help='-schedule: training epochs')
     parser.add_argument('-push_epochs', type=int, nargs='+', default=[10, 20], help='-schedule: push epochs')
     parser.add_argument('-last', type=int, default=20, help='-schedule: last-layer passes after each push')
@@ -217,6 +263,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.schedule:
         return schedule_bench(args)
+    if args.site:
+        return site_bench(args)
     device = config.pick_device(args.device, args.gpuid)
     s = config.resolve_settings('pets', ['base_architecture=%r' % args.arch, 'img_size=%d' % args.img_size,
                                          'num_classes=%d' % args.classes,

@@ -18,7 +18,7 @@ LAYERS = (
                                      'gradcam_extract')),
     ('metrics', ('metrics', 'metrics.*')),
     ('figures and peers', ('figures', 'figures.*', 'peers', 'peers.*')),
-    ('command lines', ('main', 'eval_iou', 'train_peer', 'eval_metrics', 'local_analysis', 'visualize')),
+    ('command lines', ('main', 'eval_iou', 'train_peer', 'eval_metrics', 'local_analysis', 'visualize', 'explore')),
     ('pipelines', ('demo', 'benchmark', 'bench')),
     ('probes and tests', ('results.probes.*', 'tests', 'tests.*')),
 )
@@ -143,5 +143,5 @@ def test_the_top_level_is_the_card_and_the_command_lines():
     top = sorted(name[:-3] for name in os.listdir(ROOT) if name.endswith('.py'))
     card = ['eval_iou', 'finetune_backbone', 'gradcam_extract', 'main', 'model', 'push', 'receptive_field',
             'settings', 'train_and_test']
-    clis = ['bench', 'benchmark', 'demo', 'eval_metrics', 'local_analysis', 'train_peer', 'visualize']
+    clis = ['bench', 'benchmark', 'demo', 'eval_metrics', 'explore', 'local_analysis', 'train_peer', 'visualize']
     assert top == sorted(card + clis)
