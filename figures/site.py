@@ -190,9 +190,6 @@ def write_site(out_dir, bundle, log=print):
     parts = ['<p>%s</p>' % html.escape(bundle['description'])]
     if bundle.get('metrics_md'):
         parts.append('<h2>Metrics</h2>' + markdown_table_html(bundle['metrics_md']))
-    if bundle.get('curves_png') and os.path.isfile(bundle['curves_png']):
-        parts.append('<h2>Training</h2><img src="%s" alt="training curves" style="max-width:100%%">'
-                     % html.escape(assets.file('report', 'curves.png', bundle['curves_png'])))
     parts.append('<h2>Classes</h2><p>%s</p>' % ', '.join('<a href="%s">%s</a>' % (class_href(c, 0), html.escape(nm))
                                                          for c, nm in enumerate(names)))
     parts.append('<h2>Words</h2><p>%s</p>' % ' '.join('<a href="%s">%d</a>' % (word_href(p, 0), p)
@@ -200,6 +197,9 @@ def write_site(out_dir, bundle, log=print):
     parts.append('<h2>Test images</h2><p>%s</p>' % ' '.join(
         '<a href="%s">%d%s</a>' % (test_href(n, 0), t['image'], '' if t['pred'] == t['label'] else '&#10007;')
         for n, t in enumerate(bundle['tests'])))
+    if bundle.get('curves_png') and os.path.isfile(bundle['curves_png']):
+        parts.append('<h2>Training</h2><img src="%s" alt="training curves" style="max-width:900px; width:100%%">'
+                     % html.escape(assets.file('report', 'curves.png', bundle['curves_png'])))
     index = os.path.join(out_dir, 'index.html')
     with open(index, 'w') as f:
         f.write(page(bundle['title'], '\n'.join(parts), 0))
