@@ -233,7 +233,7 @@ def train(run, s, folder, device, log=print, state=None):
     run_state.finish_run(folder, summary)
     run_report.write_run_report(folder, log=log)
     if s['push_save_images'] and summary['final_checkpoint']:
-        explorer.build_site_quietly(folder, summary['final_checkpoint'], log)
+        explorer.build_site_quietly(folder, summary['final_checkpoint'], device, log)
     log('done in %.0fs: final test accuracy %.4f, final checkpoint %s'
         % (summary['train_seconds'], summary['final_accuracy'] or float('nan'), summary['final_checkpoint']))
     return summary

@@ -152,10 +152,10 @@ def build_site(run_dir, checkpoint, out_dir=None, device='cpu', log=print, **opt
     return site.write_site(out_dir or os.path.join(run_dir, 'explorer'), bundle, log)
 
 
-def build_site_quietly(run_dir, checkpoint, log=print):
-    """build_site for the end of a training run: a failure is logged, not raised."""
+def build_site_quietly(run_dir, checkpoint, device='cpu', log=print):
+    """build_site for the end of a training run (on its device): a failure is logged, not raised."""
     try:
-        return build_site(run_dir, checkpoint, log=log)
+        return build_site(run_dir, checkpoint, device=device, log=log)
     except Exception as err:  # noqa: BLE001 - a UserError too: training must not stop for a page
         log('warning: could not write the explorer of %s: %s: %s' % (run_dir, type(err).__name__, err))
         return None
