@@ -127,8 +127,6 @@ def imagenet_weight_candidates(arch):
     return [f for f in found if f]
 
 
-
-
 def find_imagenet_weights(arch, path=None):
     """The weights file to start from: `path` if given (it must exist), else the first local
     candidate that exists, else None (the caller trains from scratch and says so)."""
