@@ -1,6 +1,7 @@
 """Two work folders of tiny_pipeline.sh, old code against new: every checkpoint (each tensor and
 entry), the Grad-CAM arrays and sidecars, the IoU output and CSV, metrics.csv (without its time
-column), metrics.json (without timings and the command), every PNG and report.md.
+column), metrics.json (without timings and the command), every PNG and report.md (without its
+training time).
 
     python results/probes/compare_runs.py OLD_WS NEW_WS     (exit status 1 when anything differs)
 """
@@ -45,12 +46,18 @@ def same_metrics_json(a, b):
     return scrub(a) == scrub(b)
 
 
+def same_report(a, b):
+    """report.md without its wall-clock line (training time)."""
+    lines = lambda p: [line for line in open(p).read().splitlines() if not line.startswith('| training time |')]
+    return lines(a) == lines(b)
+
+
 def compare(old, new):
     """[(relative path, 'identical' | 'DIFFERENT' | 'missing')] over everything the old folder holds."""
     rules = [('**/*.pth', lambda a, b: same_value(torch.load(a, weights_only=True), torch.load(b, weights_only=True))),
              ('data/*.npy', same_bytes), ('data/*.txt', same_bytes), ('eval_iou.out', same_bytes),
              ('saved_models/**/*_iou_thr*.csv', same_bytes), ('saved_models/**/metrics.csv', same_metrics_csv),
-             ('metrics_out/metrics.json', same_metrics_json), ('**/*.png', same_bytes), ('**/report.md', same_bytes)]
+             ('metrics_out/metrics.json', same_metrics_json), ('**/*.png', same_bytes), ('**/report.md', same_report)]
     out = []
     for pattern, rule in rules:
         for a in sorted(glob.glob(os.path.join(old, pattern), recursive=True)):
