@@ -16,6 +16,7 @@ from data.image_data import ImageDataset, check_same_classes, make_loader, norma
 from figures.gallery import word_source_folder, word_users
 from figures.run_report import checkpoint_info
 from metrics import word_metrics as wm
+from metrics.scoring import load_masks, mask_path
 
 DEFAULT_TOPK = 5        # training images per word
 DEFAULT_PER_IMAGE = 3   # words shown per test image
@@ -64,17 +65,12 @@ def decisions(model, loader, per_image, device):
     return out_list
 
 
-def mask_file(path):
-    return os.path.splitext(path)[0] + '.masks.npz'
-
-
 def top_cell_hits(paths, indices, maps, size):
     """Per word, a sentence on where its top cells fall (object / background, parts), or None
     when the images have no masks. indices (P, k), maps (P, k, H, W)."""
     used = sorted(set(indices.flatten().tolist()))
-    if not used or not all(os.path.isfile(mask_file(paths[i])) for i in used):
+    if not used or not all(os.path.isfile(mask_path(paths[i])) for i in used):
         return None
-    from metrics.scoring import load_masks
     gt = load_masks([paths[i] for i in used], size)
     row = {i: r for r, i in enumerate(used)}
     P, k, H, W = maps.shape
