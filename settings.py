@@ -96,6 +96,9 @@ gradcam_target = 'pred'        # 'pred': explain the predicted class; 'label': t
 # ---- peer methods: train_peer.py (see ../shared/PEERS_SPEC.md and docs/peers.md) ----------------
 # Each peer starts its ResNet trunk as LVW does (-weights, or ImageNet weights), with its own head.
 # <m>_optimizer: 'adamw' or 'sgd' (momentum 0.9); lr x <m>_gamma at each epoch of <m>_milestones.
+# <m>_augment: the training images as the method's authors drew them: 'none', 'flip' (horizontal,
+# p = 0.5) or 'crop_flip' (torchvision's RandomResizedCrop of the original image, then the flip);
+# <m>_drop_last: the training loader drops its last incomplete batch.
 peer_run = None                # run folder name; None: '<dataset>_<method>' (scouter_plus, gc, ...)
 # SCOUTER (spec 1): the CUB-200 recipe; dicts give the SCOUTER+ ('+') and SCOUTER- ('-') values
 scouter_hidden_dim = 64
@@ -112,6 +115,8 @@ scouter_milestones = [70, 140]  # StepLR(70) over 150 epochs
 scouter_gamma = 0.1
 scouter_epochs = 150
 scouter_batch_size = 64
+scouter_augment = 'none'        # the CUB recipe: resize only (its imgaug option is off by default)
+scouter_drop_last = True        # the reference's batch sampler drops the last incomplete batch
 # Grad-CAM consistency (spec 2): CE + gc_lambda * L1(composite Grad-CAM, placed Grad-CAM)
 gc_lambda = 25.0
 gc_maxpool = False             # True: global max pooling before the fc (the GMP variant)
@@ -121,10 +126,13 @@ gc_weight_decay = 5e-4
 gc_milestones = [24, 30]
 gc_gamma = 0.1
 gc_epochs = 36
-gc_batch_size = 256             # the reference's (over 4 GPUs)
+gc_batch_size = 256             # the reference's, split over 4 GPUs (BatchNorm sees 64 images)
+gc_augment = 'flip'             # the reference draws RandomResizedCrop + flip ('crop_flip')
+gc_drop_last = False
 # LFI-CAM (spec 3): feature-importance network over the layer4 features, ABN-style attention
 lfi_conv1_stride = 1           # the reference's ImageNet model: conv1 stride 1 (4x the cost of 2)
 lfi_fin_convs = 4              # 3x3 conv-BN-ReLU blocks of the feature importance network
+lfi_fin_init = 'kaiming'        # FIN convs: kaiming_normal_(fan_out, relu) as the reference; 'torch': torch's default
 lfi_optimizer = 'sgd'
 lfi_lr = 0.1
 lfi_weight_decay = 1e-4
@@ -132,6 +140,8 @@ lfi_milestones = [150, 225]
 lfi_gamma = 0.1
 lfi_epochs = 300
 lfi_batch_size = 256
+lfi_augment = 'crop_flip'       # the ImageNet / Cat&Dog / STL10 scripts: RandomResizedCrop 224 + flip
+lfi_drop_last = False
 
 # ---- method variants, applied over the dataset's values (setting lvw_variant) ----------------
 variants = {

@@ -72,13 +72,21 @@ def format_metrics(m):
     return ' | '.join(parts + ['acc %.2f%%' % (100 * m['accuracy'])])
 
 
+def training_images(s, prefix, log=print):
+    """The training split augmented as <prefix>_augment says: 'none', 'flip' (p = 0.5) or
+    'crop_flip' (RandomResizedCrop of the decoded original, then the flip)."""
+    augment = s[prefix + '_augment']
+    return ImageDataset(s['train_dir'], s['img_size'], flip='none' if augment == 'none' else 'joint', log=log,
+                        random_crop=augment == 'crop_flip')
+
+
 def prepare(s, method, device, weights=None, log=print):
     """Loaders (images opened), model (trunk started from `weights`), optimizer and scheduler,
     built before anything is written."""
     module = peers.method_module(method)
     prefix = module.PREFIX
     run_state.seed_everything(s['seed'])
-    train_set = ImageDataset(s['train_dir'], s['img_size'], flip='joint', log=log)
+    train_set = training_images(s, prefix, log)
     test_set = ImageDataset(s['test_dir'], s['img_size'], log=log)
     check_same_classes(train_set.classes, test_set.classes, s['train_dir'], s['test_dir'])
     classes = train_set.classes
@@ -87,7 +95,7 @@ def prepare(s, method, device, weights=None, log=print):
     check_images(sorted({path for data in (train_set, test_set) for path, _ in data.samples}), s['image_check'],
                  'train and test images')
     train_loader = make_loader(module.train_dataset(train_set, s), s[prefix + '_batch_size'], True,
-                               s['num_workers'], device)
+                               s['num_workers'], device, drop_last=s[prefix + '_drop_last'])
     test_loader = make_loader(test_set, s['test_batch_size'], False, s['num_workers'], device)
     model = peers.build_peer(method, s, len(classes))
     common.start_trunk(model, s, weights, log)

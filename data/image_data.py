@@ -41,14 +41,47 @@ def undo_normalize(x):
     return x * std + mean
 
 
-def load_image(path, img_size):
-    """Decode once, RGB, resized to (S, S) (bilinear with antialias, aspect not kept) -> (3, S, S) in [0, 1].
-    A file that does not decode is a UserError naming it (a run stopped by it can be resumed)."""
+# Pillow's 16-bit greyscale modes; convert('RGB') clips their values to 255 (a white image)
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+# torchvision's RandomResizedCrop defaults (the ImageNet recipe): area fraction and aspect ratio
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def to_rgb(img, path):
+    """A PIL image as 8-bit RGB. 16-bit greyscale (modes I;16*, and a PNG opened as 'I') is
+    scaled v -> round(v * 255 / 65535), not clipped; other 32-bit integer and float images have no
+    known range and are a UserError naming `path`."""
+    if img.mode in SIXTEEN_BIT_MODES or (img.mode == 'I' and img.format == 'PNG'):
+        values = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(values * (255 / 65535)), 0, 255).astype(np.uint8), 'L').convert('RGB')
+    if img.mode in ('I', 'F'):
+        raise UserError('image %s is %s (mode %s, no known value range); save it as 8- or 16-bit'
+                        % (path, '32-bit integer' if img.mode == 'I' else 'floating point', img.mode))
+    return img.convert('RGB')
+
+
+def random_crop_box(img):
+    """A RandomResizedCrop box (left, top, right, bottom) of PIL image `img`: area in CROP_SCALE
+    of the image's, aspect ratio in CROP_RATIO, drawn from torch's global generator as torchvision
+    draws it (the whole image's central crop when 10 tries fail)."""
+    top, left, height, width = torchvision.transforms.RandomResizedCrop.get_params(img, CROP_SCALE, CROP_RATIO)
+    return left, top, left + width, top + height
+
+
+def load_image(path, img_size, random_crop=False):
+    """Decode once, RGB (to_rgb), resized to (S, S) (bilinear with antialias, aspect not kept) ->
+    (3, S, S) in [0, 1]; with `random_crop`, a random_crop_box of the decoded image is what is
+    resized (torchvision's RandomResizedCrop on the original image). A file that does not decode
+    is a UserError naming it (a run stopped by it can be resumed)."""
     try:
         with Image.open(path) as img:
-            img = img.convert('RGB').resize((img_size, img_size), Image.BILINEAR)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for truncated / unknown files
+            img = to_rgb(img, path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors
         raise UserError('cannot decode image %s: %s' % (path, one_line(str(err)))) from None
+    if random_crop:
+        img = img.crop(random_crop_box(img))
+    img = img.resize((img_size, img_size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
 
 
@@ -60,7 +93,7 @@ def image_problem(path, full=False):
                 return 'empty image'
             if full:
                 img.load()
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return one_line(str(err)) or type(err).__name__
     return None
 
@@ -308,9 +341,11 @@ class ImageDataset(torch.utils.data.Dataset):
     """An ImageFolder split as (image, label), or (image, attention map, label) when `attention`
     is given. flip: 'none', 'joint' (image and map flipped together with p = 0.5), or 'double'
     (the reference: the image alone with p = 0.5, then both with p = 0.5, so half of the
-    samples have a mirrored target). Without a map, 'joint' and 'double' are one p = 0.5 flip."""
+    samples have a mirrored target). Without a map, 'joint' and 'double' are one p = 0.5 flip.
+    random_crop (images without maps only): each image is a RandomResizedCrop of its decoded
+    original (load_image), drawn before the flip, as torchvision's ImageNet recipe."""
 
-    def __init__(self, root, img_size, attention=None, flip='none', log=print):
+    def __init__(self, root, img_size, attention=None, flip='none', log=print, random_crop=False):
         folder = image_folder(root)
         self.root = folder.root
         self.samples = folder.samples
@@ -318,7 +353,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self.paths = relative_paths(folder)
         self.img_size = img_size
         self.flip = flip
+        self.random_crop = random_crop
         self.attention = None
+        if attention is not None and random_crop:
+            raise ValueError('random_crop would move the images off their attention maps')
         if attention is not None:
             self.attention = open_attention_maps(attention, self.paths, img_size, log)
 
@@ -329,12 +367,14 @@ class ImageDataset(torch.utils.data.Dataset):
         """Sample `index` with flips drawn now, or, for a key (index, image flipped, map flipped)
         from distributed.GlobalBatchSlices, with the flips it drew."""
         if isinstance(index, tuple):
+            if self.random_crop:
+                raise ValueError('random_crop is drawn per sample, not by GlobalBatchSlices')
             index, image_flip, map_flip = index
             path, label = self.samples[index]
             image = load_image(path, self.img_size)
         else:
             path, label = self.samples[index]
-            image = load_image(path, self.img_size)
+            image = load_image(path, self.img_size, self.random_crop)
             image_flip, map_flip = draw_flips(self.flip, self.attention is not None)
         image = image.flip(-1) if image_flip else image
         if self.attention is None:

@@ -23,8 +23,12 @@ Deliberate differences from the reference:
   the reference's rule for AlexNet (6 vs 13), applied to any grid that is not exactly 2x.
 - The reference sorts the batch by quadrant and fills it block-wise; here each image keeps its
   own quadrant in place. That is an implementation detail with the same loss.
-- Augmentation is the wrapped dataset's own (resize + random horizontal flip, drawn
-  independently for the image and each distractor), not RandomResizedCrop.
+- Augmentation is the wrapped dataset's own, drawn independently for the image and each
+  distractor: by default (gc_augment='flip') resize + random horizontal flip, not the reference's
+  RandomResizedCrop + flip (gc_augment='crop_flip').
+- The reference's batch of 256 is split over 4 GPUs by DataParallel, so its BatchNorm sees 64
+  images; here BatchNorm sees the whole gc_batch_size. Its evaluation explains uncropped images
+  resized to short side 448 (batch 1); here the test images at img_size, as for every method.
 - Single-label only (the ImageNet script); the COCO multi-label variant is not implemented.
 - explain() follows the project's peer interface: the predicted class by default (the reference
   evaluates the GT class: pass target=labels), min-max to [0, 1] instead of sum to 1.

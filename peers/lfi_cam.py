@@ -21,8 +21,16 @@ Deliberate differences from the reference code:
 - sum_c w_c E_c is an einsum, not a Python loop over channels.
 - Both min-max steps divide by a safe denominator where the range is 0 and then substitute the
   reference's NaN replacement (1 for F_hat, the unnormalised value for A). The forward values are
-  identical, but the reference's in-place 0 / 0 makes the gradient NaN for every constant channel
-  (a dead layer4 channel is one), which would poison the whole trunk; here gradients stay finite.
+  identical. The reference's 0 / 0 does make the gradient wrt layer4's output NaN for a constant
+  channel, but a dead channel (0 everywhere) is masked by layer4's final ReLU, whose backward keeps
+  0 where its output is 0, so the trunk's gradient stays finite (tests/test_peers_lfi_cam.py); a
+  constant non-zero channel (every channel of a 1 x 1 grid) is not masked, and the safe division
+  keeps that one finite too. The reference code's actual failure on current torch is elsewhere:
+  its NaN replacement writes in place into a tensor its backward needs.
+- The FIN's convs start from kaiming_normal_(fan_out, relu), the reference's initialisation
+  (lfi_fin_init='torch' gives torch's default, about 1/2.45 of its std).
+- Training images as the reference draws them (lfi_augment='crop_flip'): RandomResizedCrop of the
+  decoded image, then a horizontal flip; the test images are resized, not centre-cropped.
 - Pooling is adaptive (the reference's AvgPool14 assumes 224 px input).
 - explain() returns float maps post-processed like the base model's Grad-CAM (common.to_unit_maps);
   there is no PNG round trip, 3-channel read-back or uint8(256 x) wrap of the maximum (spec 3.4).
@@ -84,6 +92,18 @@ def fin_block(channels):
             nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
 
 
+def init_fin(layers):
+    """The reference's initialisation of the FIN: every conv kaiming_normal_(mode='fan_out',
+    nonlinearity='relu'), i.e. std sqrt(2 / (9 C)) for a 3x3 C -> C conv (about 2.45x torch's
+    default std sqrt(1 / (27 C))); BatchNorm weight 1, bias 0 (torch's default too)."""
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
 class LFICAMNet(nn.Module):
     """Trunk (conv1 stride lfi_conv1_stride) -> E; FIN on the masked normalised E -> w;
     attention A from w and E; fc on the pooled A * E + E."""
@@ -96,6 +116,8 @@ class LFICAMNet(nn.Module):
         self.trunk.conv1.stride = (stride, stride)
         channels = self.trunk.out_channels
         blocks = [layer for _ in range(s['lfi_fin_convs']) for layer in fin_block(channels)]
+        if s['lfi_fin_init'] == 'kaiming':
+            init_fin(blocks)
         # FIN up to the logits z (B, C); the softmax is applied in forward_with_attention
         self.fin = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.fc = nn.Linear(channels, num_classes)

@@ -18,6 +18,9 @@ h x w the trunk grid, N = h * w positions.
 Explanation of class c: A_c = sum of its slots' attention, (h, w); all classes' maps of an image
 are min-max normalised jointly (one min and max), as SCOUTER's visualisation, then resized.
 
+Training data as the reference's CUB recipe: images resized only (scouter_augment='none'; its
+imgaug option is off by default) and the last incomplete batch dropped (scouter_drop_last).
+
 Deliberate differences from the reference code:
 - the reference's `to_q` projection is never used there, so it is left out (no dead parameters);
 - slots start from Normal(mu, |sigma|), mu, sigma ~ randn(d): the reference passes the signed

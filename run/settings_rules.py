@@ -114,6 +114,7 @@ _shape = _scalar('(P, D, 1, 1) with whole numbers P, D >= 1', lambda v: isinstan
 _lr = _number(0, above=True)
 _decay = _number(0)
 _optimizer = _choice('adamw', 'sgd')
+_augment = _choice('none', 'flip', 'crop_flip')  # a peer's training images (train_peer.training_images)
 _milestones = _list(_int(0))
 _interpolation = _choice('bilinear', 'bicubic')
 _normalisation = _choice('max', 'minmax')
@@ -207,6 +208,8 @@ RULES = {
     'scouter_gamma': _number(0, above=True),
     'scouter_epochs': _int(0),
     'scouter_batch_size': _int(1),
+    'scouter_augment': _augment,
+    'scouter_drop_last': _bool,
     'gc_lambda': _number(0),
     'gc_maxpool': _bool,
     'gc_optimizer': _optimizer,
@@ -216,8 +219,11 @@ RULES = {
     'gc_gamma': _number(0, above=True),
     'gc_epochs': _int(0),
     'gc_batch_size': _int(1),
+    'gc_augment': _augment,
+    'gc_drop_last': _bool,
     'lfi_conv1_stride': _choice(1, 2),
     'lfi_fin_convs': _int(0),
+    'lfi_fin_init': _choice('kaiming', 'torch'),
     'lfi_optimizer': _optimizer,
     'lfi_lr': _lr,
     'lfi_weight_decay': _decay,
@@ -225,4 +231,6 @@ RULES = {
     'lfi_gamma': _number(0, above=True),
     'lfi_epochs': _int(0),
     'lfi_batch_size': _int(1),
+    'lfi_augment': _augment,
+    'lfi_drop_last': _bool,
 }
