@@ -295,17 +295,26 @@ def run_benchmark(plan, methods, log):
 
 def read_values(plan, seed, method):
     """{metric: value or None} of one finished evaluation, None when it has not run."""
-    res = config.read_json(plan.metrics_path(seed, method), required=False)
+    path = plan.metrics_path(seed, method)
+    res = config.read_json(path, required=False)
     if res is None:
         return None
-    entry = res['sources'][method]
+    entry = res['sources'].get(method)
+    if not isinstance(entry, dict):
+        raise config.UserError('cannot use %s: expected its sources to hold an object %r (eval_metrics.py -source '
+                               '%s=...), found %s' % (path, method, method, ', '.join(map(repr, res['sources'])) or
+                                                      'none'))
     values = {}
     for key, (_, _, where) in METRICS.items():
         if where == 'accuracy':
             values[key] = entry.get('accuracy')
         else:
-            item = (entry.get(where) or {}).get(key)
+            group = entry.get(where) or {}
+            item = group.get(key) if isinstance(group, dict) else None
             values[key] = item.get('value') if isinstance(item, dict) else None
+        if values[key] is not None and not config.of_types(values[key], config.NUMBER):
+            raise config.UserError('cannot use %s: expected a number or null as the value of %s of %r, got %r'
+                                   % (path, key, method, values[key]))
     return values
 
 
@@ -425,7 +434,86 @@ def draw_figure(report, path):
     config.atomic_write(path, lambda f: fig.savefig(f, format='png'), mode='wb')
 
 
+# ---- a report never replaces a fuller one ---------------------------------------------------------
+
+def report_paths(out_dir, dataset):
+    """The report's three files in `out_dir`: .json, .md and .png."""
+    base = os.path.join(out_dir, '%s_benchmark' % dataset)
+    return [base + ext for ext in ('.json', '.md', '.png')]
+
+
+def finished_values(report):
+    """{(method, seed, metric)} of the values a report holds (seeds as text, as in its JSON)."""
+    return {(m, str(seed), key) for m, seeds in report['per_seed'].items() for seed, values in seeds.items()
+            for key, v in values.items() if v is not None}
+
+
+def read_old_report(path):
+    """The report already in `path` (None when there is none), its shape checked: one line
+    naming it when it cannot be compared with a new one."""
+    shape = config.json_shape('a benchmark report (an object with per_seed and steps_seconds objects)',
+                              {'per_seed': (dict,), 'steps_seconds': (dict,)})
+    old = config.read_json(path, required=False, shape=shape)
+    if old is None:
+        return None
+    missing = [k for k in ('per_seed', 'steps_seconds') if k not in old]
+    bad = [m for m, seeds in old.get('per_seed', {}).items()
+           if not isinstance(seeds, dict) or not all(isinstance(v, dict) for v in seeds.values())]
+    problem = ('it has no %s' % ' or '.join(missing) if missing else
+               'per_seed[%r] is not an object of seeds and their values' % bad[0] if bad else None)
+    if problem:
+        raise config.UserError('cannot use %s: expected %s, but %s' % (path, shape['expected'], problem))
+    return old
+
+
+def _lost(old, new):
+    """What `new` lacks of `old`: (values, steps, (seed, method) pairs that lose a value)."""
+    values = finished_values(old) - finished_values(new)
+    steps = set(old['steps_seconds']) - set(new['steps_seconds'])
+    pairs = sorted({(int(seed) if seed.isdigit() else seed, m) for m, seed, _ in values}, key=str)
+    return values, steps, pairs
+
+
+def check_report_replaces(report, out_dir):
+    """Refuse (one line, nothing written) a report with nothing finished, or one that would
+    replace a fuller report in `out_dir`: of another plan (-quick or not, another dataset), or
+    lacking any of its finished steps or values. -out DIR writes it elsewhere."""
+    path = report_paths(out_dir, report['dataset'])[0]
+    elsewhere = 'pass -out DIR to write this report elsewhere'
+    if not finished_values(report):
+        raise config.UserError('no step of this benchmark has finished yet (%d steps in its steps.json): no report '
+                               'written%s' % (len(report['steps_seconds']),
+                                              ', %s left as it is' % path if os.path.exists(path) else ''))
+    old = read_old_report(path)
+    if old is None:
+        return
+    if bool(old.get('quick')) != bool(report['quick']) or old.get('dataset', 'toy') != report['dataset']:
+        plan = lambda r: '%s%s' % (r.get('dataset', 'toy'), ' -quick' if r.get('quick') else '')
+        raise config.UserError('%s holds the report of another benchmark (%s, not %s); nothing written; %s'
+                               % (path, plan(old), plan(report), elsewhere))
+    values, steps, pairs = _lost(old, report)
+    if values or steps:
+        lacks = [text for count, text in (
+            (steps, '%d of its %d finished steps' % (len(steps), len(old['steps_seconds']))),
+            (values, '%d of its %d values' % (len(values), len(finished_values(old))))) if count]
+        shown = '; '.join('seed %s: %s' % p for p in pairs[:3]) + ('; ...' if len(pairs) > 3 else '')
+        raise config.UserError('%s holds a fuller report: this one lacks %s%s; nothing written; %s'
+                               % (path, ' and '.join(lacks), ' (%s)' % shown if shown else '', elsewhere))
+
+
+def check_plan_keeps_report(plan, methods, out_dir):
+    """Before any training: refuse a command whose report could not replace the one in `out_dir`,
+    as it runs fewer seeds or methods than that report holds values of, or another plan."""
+    old = read_old_report(report_paths(out_dir, plan.dataset)[0])
+    if old is None:
+        return
+    will = {m: {str(seed): {k: 0 for k in METRICS} for seed in plan.seeds} for m in methods}
+    report = {'quick': plan.quick, 'dataset': plan.dataset, 'per_seed': will, 'steps_seconds': old['steps_seconds']}
+    check_report_replaces(report, out_dir)
+
+
 def write_report(report, out_dir):
+    """The report's .json, .md and .png in `out_dir`, each written whole (atomically)."""
     base = os.path.join(out_dir, '%s_benchmark' % report.get('dataset', 'toy'))
     config.save_json(report, base + '.json')
     md = to_markdown(report)
@@ -444,7 +532,7 @@ def parse_methods(names):
 def main(argv=None):
     distributed.refuse_torchrun(os.path.basename(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('-seeds', type=int, nargs='+', default=None, help='default 0 1 2 (-quick: 0)')
+    parser.add_argument('-seeds', type=config.nonnegative_int, nargs='+', default=None, help='default 0 1 2 (-quick: 0)')
     parser.add_argument('-methods', nargs='+', default=None, metavar='METHOD',
                         help='default all: %s (-dataset animal_mnist: %s)' % (' '.join(METHODS), ' '.join(NON_RESNET_METHODS)))
     parser.add_argument('-dataset', default='toy', choices=sorted(DATASETS),
@@ -452,7 +540,8 @@ def main(argv=None):
     parser.add_argument('-quick', action='store_true', help='one seed, tiny data and recipes: minutes, not hours')
     parser.add_argument('-report', action='store_true', help='only rebuild the report from the finished steps')
     parser.add_argument('-out', default=None,
-                        help='folder of toy_benchmark.{md,json,png} (default results/; -quick: saved_models/benchmark_quick/)')
+                        help='folder of toy_benchmark.{md,json,png} (default results/; -quick: saved_models/benchmark_quick/); '
+                             'a report that lacks steps or values of the one already there is refused')
     args = parser.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     if len(set(seeds)) != len(seeds) or any(sd < 0 for sd in seeds):
@@ -460,7 +549,11 @@ def main(argv=None):
     methods = parse_methods(args.methods or (METHODS if args.dataset == 'toy' else NON_RESNET_METHODS))
     plan = Plan(args.quick, seeds, args.dataset)
     out = args.out or (plan.root if args.quick else 'results')
-    config.check_writable(out)
+    config.check_output_folder(out)
+    for path in report_paths(out, plan.dataset):
+        config.check_output_file(path, 'the output file')
+    if not args.report:
+        check_plan_keeps_report(plan, methods, out)  # refused now, not after hours of training
     start = time.time()
 
     def log(message):
@@ -471,6 +564,7 @@ def main(argv=None):
     else:
         done = run_benchmark(plan, methods, log)
     report = build_report(plan, methods, done, sys.argv[1:] if argv is None else argv)
+    check_report_replaces(report, out)
     md = write_report(report, out)
     print()
     print(md)

@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument('-thr', type=float, default=50,
                         help='percentile threshold, strictly between 0 and 100 (default 50)')
     parser.add_argument('-region', default='low', choices=('low', 'top'))
-    parser.add_argument('-batch_size', type=int, default=None, help='default: the run\'s test_batch_size')
+    parser.add_argument('-batch_size', type=config.positive_int, default=None, help='default: the run\'s test_batch_size')
     parser.add_argument('-set', nargs='+', default=[], metavar='NAME=VALUE',
                         help='override the checkpoint\'s settings, e.g. test_dir=... eval_map_interpolation=bilinear')
     config.add_device_args(parser)
@@ -84,7 +84,8 @@ def main(argv=None):
     dataset = ImageDataset(s['test_dir'], s['img_size'], attention=args.test_atts)
     check_same_classes(ckpt['class_names'], dataset.classes, args.model, s['test_dir'])
     out_dir = os.path.dirname(path) or '.'  # the CSV goes beside the checkpoint
-    config.check_writable(out_dir)  # refused now, not after the work
+    out = os.path.join(out_dir, csv_name(args.model, args.test_atts, args.thr, args.region))
+    config.check_output_file(out, 'the output file')  # refused now, not after the work
     loader = make_loader(dataset, args.batch_size or s['test_batch_size'], False, s['num_workers'], device)
     ious, predictions = evaluate_iou(model, loader, device, s, args.thr, args.region)
     labels = [label for _, label in dataset.samples]
@@ -92,7 +93,6 @@ def main(argv=None):
     mean = float(ious.mean())
     print('test accuracy: %.4f' % accuracy)
     print('test iou: %.4f' % mean)
-    out = os.path.join(out_dir, csv_name(args.model, args.test_atts, args.thr, args.region))
     write_csv(out, [(p, l, int(pr), '%.6f' % v) for p, l, pr, v in zip(dataset.paths, labels, predictions, ious.tolist())],
               ('path', 'label', 'predicted', 'iou'))
     print('per-image IoUs: %s' % out)

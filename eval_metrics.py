@@ -181,15 +181,13 @@ def open_source(name, path, device, dataset, img_size, test_atts=None, target='p
 # ---- command line ----------------------------------------------------------------------------------
 
 def _auc_count(text):
+    """-auc_images: a whole number >= 0 (0 skips insertion/deletion), or 'all' (None)."""
     if text == 'all':
         return None
     try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError('expected a number of images or "all", got %r' % text) from None
-    if n < 0:
-        raise argparse.ArgumentTypeError('expected a number >= 0 (0 skips insertion/deletion)')
-    return n
+        return config.nonnegative_int(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError('%s (0 skips insertion/deletion; or "all")' % err) from None
 
 
 def parse_sources(items):
@@ -219,19 +217,19 @@ def main(argv=None):
                              'from train_peer.py or a base model; the kind is read from the checkpoint')
     parser.add_argument('-test_atts', default=None, help='Grad-CAM maps of the test images (.npy); default: computed from -base')
     parser.add_argument('-out', default=None, help='output folder (default <first word model run>/metrics)')
-    parser.add_argument('-max_images', type=int, default=None, help='evaluate this many evenly spaced test images (default all)')
+    parser.add_argument('-max_images', type=config.positive_int, default=None, help='evaluate this many evenly spaced test images (default all)')
     parser.add_argument('-auc_images', type=_auc_count, default=90,
                         help='images for insertion/deletion, evenly spaced (default 90; "all"; 0 skips)')
-    parser.add_argument('-step', type=int, default=None,
+    parser.add_argument('-step', type=config.positive_int, default=None,
                         help='pixels changed per insertion/deletion step (default ceil(S*S/28): 28 steps; '
                              'SCOUTER used S, one row per step)')
-    parser.add_argument('-auc_batch', type=int, default=128, help='perturbed images per forward pass (default 128)')
-    parser.add_argument('-spg_samples', type=int, default=100)
+    parser.add_argument('-auc_batch', type=config.positive_int, default=128, help='perturbed images per forward pass (default 128)')
+    parser.add_argument('-spg_samples', type=config.positive_int, default=100)
     parser.add_argument('-seed', type=int, default=0)
-    parser.add_argument('-tau', type=float, default=None, help='pointing-game tolerance in px (default 15 * S / 224)')
-    parser.add_argument('-purity_n', type=int, default=10, help='top locations per word for part purity (default 10)')
+    parser.add_argument('-tau', type=config.nonnegative_number, default=None, help='pointing-game tolerance in px (default 15 * S / 224)')
+    parser.add_argument('-purity_n', type=config.positive_int, default=10, help='top locations per word for part purity (default 10)')
     parser.add_argument('-no_parts', action='store_true', help='skip the per-part metrics and part purity')
-    parser.add_argument('-batch_size', type=int, default=50)
+    parser.add_argument('-batch_size', type=config.positive_int, default=50)
     config.add_settings_args(parser)
     config.add_device_args(parser)
     args = parser.parse_args(argv)
@@ -244,10 +242,6 @@ def main(argv=None):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
             raise config.UserError('-%s: file not found: %s' % (flag, path))
-    for flag in ('max_images', 'step', 'auc_batch', 'spg_samples', 'purity_n', 'batch_size'):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise config.UserError('-%s must be at least 1, got %d' % (flag, v))
     s = config.resolve_settings(args.dataset, args.set)
     device = config.pick_device(args.device, args.gpuid)
     S = s['img_size']
@@ -270,7 +264,9 @@ def main(argv=None):
     first_word = next((src for src in sources if isinstance(src, (WordSource, PeerSource))), None)
     out = args.out or (os.path.join(os.path.dirname(first_word.path), 'metrics') if first_word
                        else os.path.join('analysis', '%s_metrics' % s['dataset']))
-    config.check_writable(out)  # before the work, not after it
+    config.check_output_folder(out)  # before the work, not after it
+    for name in ('metrics.json', 'metrics.md'):
+        config.check_output_file(os.path.join(out, name), 'the output file')
     tau = args.tau if args.tau is not None else im.pointing_tolerance(S)
     n_auc = len(indices) if args.auc_images is None else min(args.auc_images, len(indices))
     auc_indices = [indices[k] for k in evenly_spaced(len(indices), n_auc)] if n_auc else []

@@ -37,7 +37,9 @@ def main(argv=None):
     if not os.path.isfile(path):
         raise config.UserError('checkpoint not found: %s' % path)
     if args.out:
-        config.check_writable(os.path.dirname(os.path.abspath(args.out)))
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise config.UserError('-out %s is a file, not a folder' % args.out)
+        config.check_output_folder(os.path.dirname(os.path.abspath(args.out)), '-out', args.out)
     return build_site(args.modeldir, args.model, args.out, config.pick_device(args.device, args.gpuid),
                       topk=args.topk, per_image=args.per_image, max_test=args.max_test)
 

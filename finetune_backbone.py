@@ -138,12 +138,23 @@ def main(argv=None):
     s = config.resolve_settings(args.dataset, args.set)
     device = config.pick_device(args.device, args.gpuid)
     out = args.out or default_base_model_path(s)
+    config.check_output_file(out)  # a folder, or a path under a file: refused before anything is moved or trained
     state_file = os.path.splitext(out)[0] + '.' + config.LAST_STATE
+    config.check_output_file(state_file, 'the resume state')
     if args.overwrite and args.resume:
         raise config.UserError('-overwrite and -resume exclude each other')
+    # one process per output, from before the output or its state is looked at until the end
+    with run_state.RunLock(os.path.splitext(out)[0] + '.lock', out).acquire():
+        return finetune_locked(args, s, device, out, state_file)
+
+
+def finetune_locked(args, s, device, out, state_file):
+    """main's steps once the output is locked: resume or start, train, save (an earlier output is
+    moved aside first, and put back if the new one cannot be written)."""
     state = None
     if args.resume and os.path.isfile(state_file):
-        state = run_state.load_state(state_file)
+        state = run_state.load_state(state_file, remedy='run the command without -resume to start the fine-tuning '
+                                                        'again')
         run_state.check_same_run(state['settings'], s, state_file)
     elif os.path.exists(out) and not args.overwrite:
         if args.resume:
@@ -154,10 +165,17 @@ def main(argv=None):
     config.check_writable(folder)
     config.remove_stale_tmp(folder)
     model, accuracy, classes, source = finetune(s, device, args.weights, state_file=state_file, state=state)
-    if os.path.exists(out) and args.overwrite:
-        config.move_aside(out)
-    save_checkpoint(model, out, s, classes, arch=s['base_architecture'], img_size=s['img_size'],
-                    test_accuracy=accuracy, imagenet_weights=source)
+    # an output beside a resume state is that of a start with -overwrite: it is moved aside too
+    moved = config.move_aside(out) if os.path.exists(out) and (args.overwrite or state is not None) else None
+    try:
+        save_checkpoint(model, out, s, classes, arch=s['base_architecture'], img_size=s['img_size'],
+                        test_accuracy=accuracy, imagenet_weights=source)
+    except BaseException:
+        if moved and not os.path.exists(out):  # a full disk: the earlier base model back in its place
+            os.replace(moved, out)
+            print('kept the earlier %s: the new one could not be written (its state %s is kept for -resume)'
+                  % (out, state_file))
+        raise
     if os.path.isfile(state_file):
         os.remove(state_file)  # finished: the checkpoint is the result
     print('base model test accuracy: %.4f' % accuracy)

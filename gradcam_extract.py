@@ -107,20 +107,24 @@ def main(argv=None):
     parser.add_argument('-out_dir', default='./data', help='where grad_<split>_<dataset>.npy go (default ./data)')
     parser.add_argument('-target', default=None, choices=('pred', 'label'),
                         help='explain the predicted (default: settings.gradcam_target) or the true class')
-    parser.add_argument('-batch_size', type=int, default=None, help='default: test_batch_size')
+    parser.add_argument('-batch_size', type=config.positive_int, default=None, help='default: test_batch_size')
     config.add_settings_args(parser)
     config.add_device_args(parser)
     args = parser.parse_args(argv)
     s = config.resolve_settings(args.dataset, args.set)
     device = config.pick_device(args.device, args.gpuid)
     model, ckpt = load_base_model(args.model or default_base_model_path(s), device, 'gradcam_extract.py')
-    config.check_writable(args.out_dir)  # before the work, not after it
+    config.check_output_folder(args.out_dir, '-out_dir')  # before the work, not after it
+    outs = {split: os.path.join(args.out_dir, 'grad_%s_%s.npy' % (split, s['dataset'])) for split in args.splits}
+    for out in outs.values():  # neither the maps nor their sidecar may be a folder
+        for path in (out, sidecar_path(out)):
+            config.check_output_file(path, 'the output file')
     config.remove_stale_tmp(args.out_dir, log=print)  # what a killed extraction left
     target = args.target or s['gradcam_target']
     outputs = {}
     for split in args.splits:
         folder = s['train_dir'] if split == 'train' else s['test_dir']
-        out = os.path.join(args.out_dir, 'grad_%s_%s.npy' % (split, s['dataset']))
+        out = outs[split]
         accuracy = extract_split(model, folder, s['img_size'], out, device, target,
                                  args.batch_size or s['test_batch_size'], s['num_workers'], ckpt['class_names'])
         print('%s: Grad-CAM (%s class) of %s -> %s (base model accuracy %.4f)' % (split, target, folder, out, accuracy))

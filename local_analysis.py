@@ -270,7 +270,7 @@ def main(argv=None):
     parser.add_argument('model', help='checkpoint inside a run folder, e.g. saved_models/resnet18/toy_lvw/6_2push0.9296.pth')
     parser.add_argument('images', nargs='+', help='image files')
     parser.add_argument('-out', default=None, help='output folder (default <run>/local_analysis/)')
-    parser.add_argument('-topk', type=int, default=10, help='words shown per image, by similarity (default 10)')
+    parser.add_argument('-topk', type=config.positive_int, default=10, help='words shown per image, by similarity (default 10)')
     config.add_device_args(parser)
     args = parser.parse_args(argv)
     ckpt = require_kind(load_checkpoint(args.model), args.model, 'words', 'local_analysis.py')
@@ -286,13 +286,16 @@ def main(argv=None):
     out_dir = args.out or os.path.join(run_dir, 'local_analysis')
     class_names = list(ckpt['class_names'])
     source = source_of_words(run_dir, ckpt, args.model, s)
-    config.check_writable(out_dir)  # refused before the work, not after it
+    config.check_output_folder(out_dir)  # refused before the work, not after it
     used, results = set(), []
-    for path in args.images:
+    stems = [_unique_stem(path, used) for path in args.images]
+    for stem in stems:
+        for ext in ('.png', '.json'):
+            config.check_output_file(os.path.join(out_dir, stem + ext), 'the output file')
+    for path, stem in zip(args.images, stems):
         image = load_image(path, s['img_size'])  # a file that does not decode: one line naming it
         r = analyse_image(model, s, image, args.topk)
         info = result_json(path, args.model, r, class_names, source, args.topk, s)
-        stem = _unique_stem(path, used)
         png, js = os.path.join(out_dir, stem + '.png'), os.path.join(out_dir, stem + '.json')
         info['png'] = png
         draw_analysis(image, r, info, class_names, png)

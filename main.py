@@ -283,26 +283,39 @@ def main(argv=None):
 
 
 def run_training(args, s, train_atts, test_atts, device):
-    """Check, prepare, open (rank 0) and train the run of `main`'s arguments on `device`."""
+    """Check, prepare, open (rank 0) and train the run of `main`'s arguments on `device`, holding
+    the run folder's lock from before anything is decided until the end."""
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     folder = config.run_dir(s)
+    early = run_state.EarlyLog() if distributed.is_main() else run_state.EarlyLog(quiet=True)
+    lock = run_state.lock_run_folder(folder, 'experiment_run', log=early)
+    try:
+        return open_and_train(args, s, train_atts, test_atts, device, folder, early, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def open_and_train(args, s, train_atts, test_atts, device, folder, early, lock):
+    """run_training's steps once the folder is locked: decide, prepare, open the folder, train."""
     # the sidecars' checksums too: -resume refuses maps extracted again since the run started
     record = {'settings': s, 'train_atts': train_atts, 'test_atts': test_atts,
               'maps_checksums': [map_checksum(path) for path in (train_atts, test_atts)]}
     action = run_state.start_action(folder, args.overwrite, args.resume, 'experiment_run', record)
     if action == 'finished':
         return run_state.finished_summary(folder, log=print if distributed.is_main() else lambda *_: None)
-    early = run_state.EarlyLog() if distributed.is_main() else run_state.EarlyLog(quiet=True)
     resume = action == 'resume'
-    # a resumed run's weights come from last.pth: no -weights file is read
+    # a resumed run's weights come from last.pth: no -weights file is read, and the log says so
     prepared = prepare(dict(s, pretrained=False) if resume else s, train_atts, test_atts, device,
-                       None if resume else args.weights, log=early)
+                       None if resume else args.weights,
+                       log=run_state.ResumeStartLog(early, run_state.state_path(folder)) if resume else early)
     distributed.barrier()  # every rank has checked the folder before rank 0 changes it
     log, state = early, None
     if distributed.is_main():
         log, state = run_state.open_run(folder, action, dict(record, device=str(device), versions=config.versions(),
-                                                             processes=distributed.world_size()), CSV_FIELDS, early)
+                                                             processes=distributed.world_size()), CSV_FIELDS, early,
+                                        lock=lock)
     state = distributed.broadcast_object(state)
     log('run folder %s, device %s%s, dataset %s, mode %s'
         % (folder, device, ' (%d processes)' % distributed.world_size() if distributed.world_size() > 1 else '',

@@ -82,10 +82,13 @@ def push_cells(H, W, exclude_border, device=None):
 
 
 def main(argv=None):
-    from model import make_backbone
+    from model import BACKBONES, make_backbone
+    from run.config import flag_type
+    from run.settings_rules import RULES
     parser = argparse.ArgumentParser(description='Receptive field of the LVW word layer.')
-    parser.add_argument('-arch', default='resnet34')
-    parser.add_argument('-img_size', type=int, default=224)
+    parser.add_argument('-arch', default='resnet34', choices=BACKBONES)
+    parser.add_argument('-img_size', type=flag_type(RULES['img_size']), default=224,
+                        help='as the setting img_size: %s' % RULES['img_size'].expected)
     args = parser.parse_args(argv)
     info = word_layer_rf_info(args.img_size, layer_specs(make_backbone(args.arch)))
     print('%s at %d px: [n, jump, rf, start] = %s' % (args.arch, args.img_size, info))

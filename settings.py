@@ -133,12 +133,14 @@ gc_drop_last = False
 lfi_conv1_stride = 1           # the reference's ImageNet model: conv1 stride 1 (4x the cost of 2)
 lfi_fin_convs = 4              # 3x3 conv-BN-ReLU blocks of the feature importance network
 lfi_fin_init = 'kaiming'        # FIN convs: kaiming_normal_(fan_out, relu) as the reference; 'torch': torch's default
+# the fine-tuning recipe (GC's authors', from a trained trunk): the reference's lr 0.1, 300 epochs,
+# x0.1 at 150 and 225 train from scratch, and lr 0.1 ruins a trained trunk (results/probes/lfi_lr.md)
 lfi_optimizer = 'sgd'
-lfi_lr = 0.1
+lfi_lr = 0.01
 lfi_weight_decay = 1e-4
-lfi_milestones = [150, 225]
+lfi_milestones = [24, 30]
 lfi_gamma = 0.1
-lfi_epochs = 300
+lfi_epochs = 36
 lfi_batch_size = 256
 lfi_augment = 'crop_flip'       # the ImageNet / Cat&Dog / STL10 scripts: RandomResizedCrop 224 + flip
 lfi_drop_last = False

@@ -169,19 +169,21 @@ def main(argv=None):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     folder = peer_run_dir(s, args.method)
-    record = {'settings': s, 'method': args.method}
-    action = run_state.start_action(folder, args.overwrite, args.resume, 'peer_run', record)
-    if action == 'finished':
-        return dict(run_state.finished_summary(folder), run_dir=folder)
     early = run_state.EarlyLog()
-    resume = action == 'resume'
-    # a resumed run's weights come from last.pth: no -weights file is read
-    run = prepare(dict(s, pretrained=False) if resume else s, args.method, device,
-                  None if resume else args.weights, log=early)
-    log, state = run_state.open_run(folder, action, dict(record, weights=args.weights, device=str(device),
-                                                         versions=config.versions()), CSV_FIELDS, early)
-    log('run folder %s, device %s, dataset %s, method %s' % (folder, device, s['dataset'], args.method))
-    return train_peer(run, s, args.method, folder, device, log=log, state=state)
+    # one process per run folder, from before anything is decided until the end
+    with run_state.lock_run_folder(folder, 'peer_run', log=early) as lock:
+        record = {'settings': s, 'method': args.method}
+        action = run_state.start_action(folder, args.overwrite, args.resume, 'peer_run', record)
+        if action == 'finished':
+            return dict(run_state.finished_summary(folder), run_dir=folder)
+        resume = action == 'resume'
+        # a resumed run's weights come from last.pth: no -weights file is read, and the log says so
+        run = prepare(dict(s, pretrained=False) if resume else s, args.method, device, None if resume else args.weights,
+                      log=run_state.ResumeStartLog(early, run_state.state_path(folder)) if resume else early)
+        log, state = run_state.open_run(folder, action, dict(record, weights=args.weights, device=str(device),
+                                                             versions=config.versions()), CSV_FIELDS, early, lock=lock)
+        log('run folder %s, device %s, dataset %s, method %s' % (folder, device, s['dataset'], args.method))
+        return train_peer(run, s, args.method, folder, device, log=log, state=state)
 
 
 if __name__ == '__main__':

@@ -37,6 +37,11 @@ import time
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+if __package__ in (None, ''):  # run as `python data/make_toy.py`: the packages are in the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from run import config  # noqa: E402
+
 SLOTS = ('head', 'body', 'tail', 'marking')
 VARIANTS = {
     'head': ('round', 'triangle', 'square'),
@@ -53,6 +58,7 @@ COLOURS = {
     'marking': ((250, 250, 250), (25, 25, 120), (255, 135, 165)),
 }
 SUPERSAMPLE = 2  # draw at 2x and box-filter down: smooth edges at small image sizes
+MIN_SIZE, MAX_SIZE = 16, 1024  # image sides the generator draws (the parts stay a few pixels wide at 16)
 GENERATOR_VERSION = 1
 
 
@@ -296,6 +302,17 @@ class _InProcess:
         return map(fn, jobs)
 
 
+def read_params(meta_path):
+    """The generator parameters recorded in a meta.json, or None (no file, or one that is not a
+    JSON object with a params object: not this generator's data)."""
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta.get('params') if isinstance(meta, dict) and isinstance(meta.get('params'), dict) else None
+
+
 def generate(out_dir, size=112, train_per_class=60, test_per_class=30, num_classes=9, seed=0,
              max_distractors=2, progress=True, workers=None):
     """Write the dataset to `out_dir` (atomically: built beside it, then renamed).
@@ -305,16 +322,21 @@ def generate(out_dir, size=112, train_per_class=60, test_per_class=30, num_class
     """
     if not 1 <= num_classes <= 9:
         raise ValueError('num_classes must be between 1 and 9 (the L9 design has 9 classes), got %r' % num_classes)
-    if size < 16:
-        raise ValueError('size must be at least 16 pixels, got %r' % size)
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError('size must be between %d and %d pixels, got %r' % (MIN_SIZE, MAX_SIZE, size))
+    if train_per_class < 1 or test_per_class < 1:
+        raise ValueError('train_per_class and test_per_class must be at least 1, got %r and %r'
+                         % (train_per_class, test_per_class))
+    if seed < 0 or max_distractors < 0:
+        raise ValueError('seed and max_distractors must be at least 0, got %r and %r' % (seed, max_distractors))
     params = {'size': size, 'train_per_class': train_per_class, 'test_per_class': test_per_class,
               'num_classes': num_classes, 'seed': seed, 'max_distractors': max_distractors,
               'generator_version': GENERATOR_VERSION}
     meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            if json.load(f).get('params') == params:
-                return meta_path
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError('%s is a file, not a folder; choose another --out' % out_dir)
+    if read_params(meta_path) == params:
+        return meta_path
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError('%s exists and holds other data; remove it or choose another --out' % out_dir)
 
@@ -359,25 +381,29 @@ def generate(out_dir, size=112, train_per_class=60, test_per_class=30, num_class
 
 
 def main(argv=None):
+    """The command line; a mistake is one 'error: ...' line, exit status 2 (config.run_cli)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='./data/toy', help='output folder (default ./data/toy)')
-    parser.add_argument('--size', type=int, default=112, help='image side in pixels (default 112)')
-    parser.add_argument('--train-per-class', type=int, default=60)
-    parser.add_argument('--test-per-class', type=int, default=30)
-    parser.add_argument('--classes', type=int, default=9, help='number of classes, 1-9 (default 9)')
-    parser.add_argument('--distractors', type=int, default=2, help='at most this many distractor shapes')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--size', type=config.int_in(MIN_SIZE, MAX_SIZE), default=112,
+                        help='image side in pixels, %d-%d (default 112)' % (MIN_SIZE, MAX_SIZE))
+    parser.add_argument('--train-per-class', type=config.positive_int, default=60)
+    parser.add_argument('--test-per-class', type=config.positive_int, default=30)
+    parser.add_argument('--classes', type=config.int_in(1, 9), default=9, help='number of classes, 1-9 (default 9)')
+    parser.add_argument('--distractors', type=config.nonnegative_int, default=2,
+                        help='at most this many distractor shapes')
+    parser.add_argument('--seed', type=config.nonnegative_int, default=0)
     args = parser.parse_args(argv)
+    config.check_output_folder(os.path.dirname(os.path.abspath(args.out)), '--out', args.out)
     start = time.time()
     try:
         meta = generate(args.out, args.size, args.train_per_class, args.test_per_class, args.classes,
                         args.seed, args.distractors)
     except (ValueError, FileExistsError) as err:
-        sys.exit('error: %s' % err)
+        raise config.UserError(str(err)) from None
     n = (args.train_per_class + args.test_per_class) * args.classes
     print('toy data: %d images of %d px in %s (%.1fs); description in %s'
           % (n, args.size, args.out, time.time() - start, meta))
 
 
 if __name__ == '__main__':
-    main()
+    config.run_cli(main)

@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as `python data/prepare_datasets.py`: the p
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.sources.animal_mnist import PACKAGE as ANIMAL_MNIST_PACKAGE
+from run.config import positive_int
 from data.sources.animal_mnist import animal_mnist_wanted, collect_animal_mnist, locate_animal_mnist
 from data.sources.awa2 import awa2_wanted, collect_awa2, locate_awa2
 from data.sources.common import (FORMAT_VERSION, Item, MASK_SUFFIX, PrepareError, SPLITS, Spec, TOOL, archive_kind,
@@ -580,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep files whose bytes occur in both train and test instead of failing")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output of this tool made with other sources/options")
-    p.add_argument("--workers", type=int, default=min(16, 2 * (os.cpu_count() or 1)),
+    p.add_argument("--workers", type=positive_int, default=min(16, 2 * (os.cpu_count() or 1)),
                    help="threads for linking, hashing and decoding")
     g = p.add_argument_group("dataset-specific options")
     g.add_argument("--pets-foreground", choices=sorted(PET_FOREGROUND), default=None,

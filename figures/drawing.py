@@ -50,8 +50,9 @@ def load_thumbnail(path, size, background=(235, 235, 235)):
     from PIL import Image
     if not os.path.isfile(path):
         return None, 1.0
+    from data.image_data import to_rgb
     with Image.open(path) as img:
-        img = img.convert('RGB')
+        img = to_rgb(img, path)
         scale = min(size / img.width, size / img.height)
         w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
         img = img.resize((w, h), Image.BICUBIC if scale > 1 else Image.LANCZOS)

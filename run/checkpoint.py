@@ -9,11 +9,14 @@ A checkpoint is a dict of plain types and tensors, so `torch.load(path, weights_
 """
 import os
 import pickle
+import pickletools
+import re
+import warnings
 import zipfile
 
 import torch
 
-from run.config import UserError, atomic_write, default_settings, finish_settings, one_line, to_jsonable, versions
+from run.config import UserError, atomic_write, default_settings, finish_settings, to_jsonable, versions
 
 
 def unwrap(model):
@@ -28,26 +31,70 @@ def save_checkpoint(model, path, settings, class_names, **extra):
     return path
 
 
+# the first bytes torch.save writes in its legacy (non-zip) format: the pickled magic number
+LEGACY_HEAD = b'\x80\x02\x8a\x0a' + (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
+
+
+def refused_global(err):
+    """The class a weights_only load refused ('__main__.Net'), or None when torch refused the
+    file for another reason (a damaged pickle stream gives 'Unsupported operand' and the like)."""
+    found = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+    return found.group(1) if isinstance(err, pickle.UnpicklingError) and found else None
+
+
+def pickle_is_whole(data):
+    """True when `data` is one complete pickle stream (it parses up to its STOP), so a refusal
+    is about what it holds, not about damage."""
+    try:
+        return any(op.name == 'STOP' for op, _, _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001 - any damage in the stream
+        return False
+
+
 def unreadable_reason(path, err):
-    """Why torch.load failed on `path`, in words a user can act on (one line)."""
+    """Why torch.load failed on `path`, in words a user can act on (one line). It never suggests
+    loading with weights_only=False: that runs whatever code the file holds."""
     size = os.path.getsize(path)
     if size == 0:
         return 'the file is empty (0 bytes)'
     with open(path, 'rb') as f:
-        head = f.read(6)
-    if head == b'\x93NUMPY':
+        head = f.read(len(LEGACY_HEAD))
+    damaged = 'it is truncated or damaged (a write interrupted?); copy or save it again'
+    if head.startswith(b'\x93NUMPY'):
         return 'it is a NumPy .npy array, not a PyTorch file'
     if head.startswith(b'PK'):
         if not zipfile.is_zipfile(path):
             return 'it is truncated or corrupt (an incomplete zip archive of %d bytes; copy or save it again)' % size
-        with zipfile.ZipFile(path) as z:
-            if not any(n.endswith('/data.pkl') for n in z.namelist()):
-                return 'it is a zip archive (an .npz?), not a PyTorch file'
-    if isinstance(err, pickle.UnpicklingError) and 'weights only' in str(err).lower():
-        return ('it holds pickled Python objects, not plain tensors (a whole model saved by other code?); '
-                'only files saved as plain tensors and types are read')
-    first = one_line(str(err)).split('. ')[0].strip()
-    return '%s%s' % (type(err).__name__, ': ' + first[:200] if first else '')
+        try:
+            with zipfile.ZipFile(path) as z:
+                pickles = [n for n in z.namelist() if n.endswith('/data.pkl')]
+                if not pickles:
+                    return 'it is a zip archive (an .npz?), not a PyTorch file'
+                intact = pickle_is_whole(z.read(pickles[0]))
+        except Exception:  # noqa: BLE001 - a member that does not decompress or fails its CRC
+            return damaged
+        if intact and refused_global(err):
+            return whole_model(refused_global(err))
+        return damaged
+    if head == LEGACY_HEAD:  # torch.save(..., _use_new_zipfile_serialization=False)
+        return whole_model(refused_global(err)) if refused_global(err) else damaged
+    if head[:1] == b'\x80':
+        return 'it is not a PyTorch checkpoint (a Python pickle, written by pickle.dump rather than torch.save)'
+    return 'it is not a PyTorch checkpoint (neither a zip archive nor a pickle: %d bytes of another format)' % size
+
+
+def whole_model(name):
+    """The reason for a file that weights_only refuses for the class `name` it pickles."""
+    return ('it holds pickled Python objects (%s), not plain tensors (a whole model saved by other code?); '
+            'only files of plain tensors and types, such as a state_dict, are read' % name)
+
+
+def safe_load(path, map_location='cpu'):
+    """torch.load(weights_only=True), without the warning torch prints about a pickle's protocol
+    before refusing it (an error is reported as one line, see unreadable_reason)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Detected pickle protocol')
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def torch_load(path, what='checkpoint'):
@@ -56,7 +103,7 @@ def torch_load(path, what='checkpoint'):
     if not os.path.isfile(path):
         raise UserError('%s not found: %s' % (what, path))
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return safe_load(path)
     except Exception as err:  # noqa: BLE001 - empty, truncated, .npy/.npz, pickled objects, ...
         raise UserError('cannot read %s %s: %s' % (what, path, unreadable_reason(path, err))) from None
 

@@ -5,16 +5,18 @@ Resolution order: the module-level names of settings.py, then `settings.presets[
 filled in last, so an override of data_path or num_train_epochs carries through. Every value is
 checked first against its rule in settings_rules.py (also for the settings stored in checkpoints).
 """
+import argparse
 import ast
+import importlib.util
 import json
 import os
 import sys
 import tempfile
+import traceback
 import types
 
-import settings as settings_module
-from run.errors import UserError, one_line, run_cli  # noqa: F401  (config.UserError: the name most callers use)
-from run.settings_rules import RULES
+from run.errors import FULL_DISK, UserError, one_line, run_cli  # noqa: F401  (config.UserError: the name most callers use)
+from run.settings_rules import FOLDER_TEXT, RULES, _int, _number, plain_folder_name
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -22,10 +24,46 @@ from run.settings_rules import RULES
 TABLES = ('presets', 'variants')  # settings.py's tables of values, not settings themselves
 
 
-def default_settings():
+def settings_error(err, path):
+    """The one line of a settings file that fails to run: its file, line and column, and why."""
+    if isinstance(err, SyntaxError):
+        where = '%s, line %s' % (err.filename or path, err.lineno)
+        where += ', column %s' % err.offset if err.offset else ''
+        return '%s: %s: %s' % (where, type(err).__name__, err.msg)
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = path
+    if frames:
+        where = '%s, line %s' % (frames[-1].filename, frames[-1].lineno)
+        colno = getattr(frames[-1], 'colno', None)  # Python 3.11+
+        where += ', column %d' % (colno + 1) if colno is not None else ''
+    return '%s: %s: %s' % (where, type(err).__name__, one_line(str(err)) or 'failed')
+
+
+def load_settings(path=None):
+    """settings.py as a module: the one on the import path (imported once, as before; tests
+    monkeypatch it), or the file `path`, run afresh. A file that fails to run (a syntax error, an
+    unknown name, any exception) is one UserError line naming its file, line and column."""
+    if path is None:
+        try:
+            import settings
+        except Exception as err:  # noqa: BLE001  (whatever the edited file raises)
+            spec = importlib.util.find_spec('settings')  # the file that failed (a failed import is not kept)
+            raise UserError(settings_error(err, spec.origin if spec and spec.origin else 'settings.py')) from None
+        return settings
+    spec = importlib.util.spec_from_file_location('settings_from_file', path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(settings_error(err, path)) from None
+    return module
+
+
+def default_settings(module=None):
     """The plain-data names of settings.py (everything public that is not a module, a function or
-    one of the TABLES)."""
-    return {name: value for name, value in vars(settings_module).items()
+    one of the TABLES); `module`: another settings module (load_settings(path))."""
+    return {name: value for name, value in vars(module or load_settings()).items()
             if not name.startswith('_') and name not in TABLES
             and not isinstance(value, (types.ModuleType, types.FunctionType))}
 
@@ -82,7 +120,8 @@ def parse_overrides(items, current):
 
 def resolve_settings(dataset=None, overrides=()):
     """Resolved settings as a plain dict (JSON-friendly: tuples become lists only when saved)."""
-    base = default_settings()
+    settings_module = load_settings()
+    base = default_settings(settings_module)
     presets, variants = settings_module.presets, settings_module.variants
     dataset = dataset or base['dataset']
     if dataset not in presets:
@@ -130,6 +169,33 @@ def finish_settings(s):
     return s
 
 
+# ---- command-line flags: the settings' ranges as argparse types --------------------------------
+
+def flag_type(rule, parse=int):
+    """An argparse `type=` that reads the flag's text with `parse` (int or float) and refuses, as
+    argparse's one usage error (exit status 2), a value the settings rule `rule` refuses."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not rule.ok(value):
+            raise argparse.ArgumentTypeError('must be %s, got %r' % (rule.expected, text))
+        return value
+    convert.__name__ = rule.expected  # what argparse shows should it name the type
+    return convert
+
+
+positive_int = flag_type(_int(1))                  # sizes, counts, batch sizes
+nonnegative_int = flag_type(_int(0))               # seeds of the data generators, counts where 0 means none
+nonnegative_number = flag_type(_number(0), float)  # tolerances in pixels
+
+
+def int_in(lo, hi):
+    """An argparse type: a whole number in [lo, hi]."""
+    return flag_type(_int(lo, hi))
+
+
 def add_settings_args(parser):
     parser.add_argument('-dataset', default=None,
                         help="settings preset (default: settings.dataset); e.g. pets, toy")
@@ -173,21 +239,43 @@ def pick_device(name='auto', gpuid='0'):
 TMP_SUFFIX = '.tmp'
 
 
+
+
+def write_failure(err, path):
+    """A UserError naming `path` when `err`, or an error it was raised from, is a full disk, a
+    file-size limit or a quota (torch.save re-raises the OSError of its write as a RuntimeError
+    of its own); None for any other error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in FULL_DISK:
+            return UserError('cannot write %s: %s; free some space (or raise the limit) and run the command again '
+                             '(a training run continues with -resume)' % (path, os.strerror(err.errno).lower()))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def atomic_write(path, write_fn, mode='w'):
-    """Write via `write_fn(file)` to a temporary file beside `path`, then rename over it."""
+    """Write via `write_fn(file)` to a temporary file beside `path`, then rename over it: an
+    earlier `path` stays whole until the new one is. A full disk (or a file-size limit) is one
+    UserError naming `path`, the temporary file removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, mode) as f:
             write_fn(f)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        failure = write_failure(err, path)
+        if failure is not None:
+            raise failure from None
         raise
 
 
@@ -203,16 +291,71 @@ def save_json(obj, path):
     atomic_write(path, lambda f: json.dump(to_jsonable(obj), f, indent=1, sort_keys=True))
 
 
-def read_json(path, required=True):
+NUMBER = (int, float)
+MAYBE_NUMBER, MAYBE_TEXT = (int, float, type(None)), (str, type(None))
+
+
+def json_shape(expected, fields=None, values=None):
+    """What a JSON file must hold: an object (`expected` says what, in words) whose keys in
+    `fields` have values of those types, and, with `values`, every value of those types."""
+    return {'expected': expected, 'fields': fields or {}, 'values': values}
+
+
+# the files the scripts read back, by name: read_json checks each against its shape
+JSON_SHAPES = {
+    'steps.json': json_shape("benchmark.py's object of finished steps and their seconds", values=NUMBER),
+    'run_summary.json': json_shape("a finished run's summary object", {
+        'final_checkpoint': MAYBE_TEXT, 'best_checkpoint': MAYBE_TEXT, 'final_accuracy': MAYBE_NUMBER,
+        'best_accuracy': MAYBE_NUMBER, 'train_seconds': MAYBE_NUMBER, 'phase_seconds': (dict,)}),
+    'settings.json': json_shape("a run's settings record (an object with its 'settings' object)",
+                                {'settings': (dict,)}),
+    'metrics.json': json_shape("eval_metrics.py's result (an object with its 'sources' object)",
+                               {'sources': (dict,)}),
+}
+OBJECT = json_shape('a JSON object')
+
+
+def _json_kind(value):
+    """What a JSON value is, in words."""
+    for kinds, word in ((bool, 'true or false'), (dict, 'an object'), (list, 'a list'), (str, 'a string'),
+                        (NUMBER, 'a number'), (type(None), 'null')):
+        if isinstance(value, kinds):
+            return word
+    return type(value).__name__
+
+
+def of_types(value, kinds):
+    """isinstance, except that true and false are not numbers."""
+    return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
+
+
+def shape_problem(data, shape):
+    """What in `data` does not fit `shape` (json_shape), in words; None when it fits."""
+    if not isinstance(data, dict):
+        return 'it holds %s' % _json_kind(data)
+    for key, value in data.items():
+        kinds = shape['fields'].get(key, shape['values'])
+        if kinds is not None and not of_types(value, kinds):
+            return '%r is %s' % (key, _json_kind(value))
+    return None
+
+
+def read_json(path, required=True, shape=None):
     """The JSON object in `path`; a missing file is None unless `required`, an unreadable one
-    (empty, truncated, not JSON) one UserError line naming it."""
+    (empty, truncated, not JSON) or one of the wrong shape one UserError line naming it. `shape`
+    (json_shape) defaults to the file name's in JSON_SHAPES, else any JSON object."""
     if not required and not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError) as err:
         raise UserError('cannot read %s: %s' % (path, str(err).splitlines()[0] if str(err) else 'empty')) from None
+    shape = shape or JSON_SHAPES.get(os.path.basename(path), OBJECT)
+    problem = shape_problem(data, shape)
+    if problem:
+        raise UserError('cannot use %s: expected %s, but %s' % (path, shape['expected'], problem))
+    return data
 
 
 def remove_stale_tmp(folder, log=None):
@@ -231,6 +374,32 @@ def remove_stale_tmp(folder, log=None):
     return stale
 
 
+def check_output_file(path, flag='-out'):
+    """Refuse, before any work, an output file path that names a folder (an existing one, or a
+    path ending in '/') or lies under a file; its folder is then made if missing and must be
+    writable (check_output_folder)."""
+    if path.endswith(('/', os.sep)) or os.path.isdir(path):
+        raise UserError('%s %s is a folder, not a file' % (flag, path))
+    check_output_folder(os.path.dirname(path) or '.', flag, path)
+
+
+def _existing_ancestor(path):
+    """`path` itself, or the nearest folder above it that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_folder(folder, flag='-out', given=None):
+    """Refuse, before any work, an output folder that is a file or lies under one (the message
+    names `flag` and `given`, the path as the user gave it); then check_writable (which makes it)."""
+    above = _existing_ancestor(folder)
+    if not os.path.isdir(above):
+        raise UserError('%s %s: %s is a file, not a folder' % (flag, given or folder, above))
+    check_writable(folder)
+
+
 def check_writable(folder):
     """Refuse, before any work, an output folder that cannot be made or written to. The folder is
     created if missing; nothing else is left behind."""
@@ -243,10 +412,14 @@ def check_writable(folder):
         raise UserError('cannot write to the output folder %s (%s)' % (folder, err.strerror or err)) from None
 
 
-def move_aside(path, log=print):
+def move_aside(path, log=print, lock=None):
     """Rename `path` (a run folder or a file) to <path>.replaced-<YYYYmmdd-HHMMSS>[-n] beside it,
-    never deleting anything; returns the new path."""
+    never deleting anything; returns the new path. A run folder holding a lock file is moved only
+    by the holder of that lock (`lock`, a run_state.RunLock), which then locks the new, empty
+    folder in its place."""
     import time
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, LOCK_NAME)) and lock is None:
+        raise UserError('%s is in use by a run (it holds %s); it is not moved aside' % (path, LOCK_NAME))
     stem, ext = (path.rstrip(os.sep), '') if os.path.isdir(path) else os.path.splitext(path)
     stamp = time.strftime('%Y%m%d-%H%M%S')
     target, n = '%s.replaced-%s%s' % (stem, stamp, ext), 1
@@ -255,10 +428,16 @@ def move_aside(path, log=print):
         target = '%s.replaced-%s-%d%s' % (stem, stamp, n, ext)
     os.replace(path, target)
     log('-overwrite: moved the earlier %s to %s' % (path, target))
+    if lock is not None:
+        lock.moved_to(target)
     return target
 
 
 LAST_STATE = 'last.pth'
+LOCK_NAME = '.lock'  # a run folder's lock (run_state.RunLock): the process that has the folder open
+# the key of settings.json that says its run writes last.pth after every pass (so that a run holding
+# checkpoints but no last.pth never wrote its first state, rather than predating -resume)
+RESUMABLE = 'resume_state'
 
 
 def holds_run(folder):
@@ -268,14 +447,24 @@ def holds_run(folder):
     return os.path.isdir(folder) and any(f.endswith('.pth') or f == 'run_summary.json' for f in os.listdir(folder))
 
 
+def check_run_name(name, setting):
+    """Refuse a run folder name that settings_rules.plain_folder_name refuses, as its rule would."""
+    if not plain_folder_name(name):
+        raise UserError('setting %s must be %s, got %r' % (setting, FOLDER_TEXT, name))
+    return name
+
+
 def run_dir_action(folder, overwrite, resume, name_setting):
     """What to do with the run folder, decided before any input is read (nothing is written):
     'new' (empty or missing), 'replace' (-overwrite: move the old run aside), 'resume' (-resume
-    and a last.pth), 'finished' (-resume of a run that has finished).
+    and a last.pth), 'finished' (-resume of a run that has finished), 'restart' (-resume of a run
+    of this version whose first last.pth was never written, e.g. for a full disk: it starts again
+    from its beginning in its folder).
 
     -resume with no last.pth and no checkpoints starts the run, so the same command serves the
     first try and every retry; a folder holding a run is never touched without -overwrite/-resume.
     """
+    check_run_name(os.path.basename(folder.rstrip(os.sep)), name_setting)
     if overwrite and resume:
         raise UserError('-overwrite and -resume exclude each other')
     has_state = os.path.isfile(os.path.join(folder, LAST_STATE))
@@ -286,6 +475,9 @@ def run_dir_action(folder, overwrite, resume, name_setting):
     if resume:
         if os.path.isfile(os.path.join(folder, 'run_summary.json')):
             return 'finished'
+        record = read_json(os.path.join(folder, 'settings.json'), required=False)
+        if record is not None and record.get(RESUMABLE) == LAST_STATE:
+            return 'restart'
         raise UserError('%s holds checkpoints but no %s to resume from (a run from before -resume existed); '
                         'pass -overwrite to move it aside and start again' % (folder, LAST_STATE))
     if not overwrite:
@@ -294,17 +486,19 @@ def run_dir_action(folder, overwrite, resume, name_setting):
     return 'replace'
 
 
-def prepare_run_dir(folder, action, log=print):
+def prepare_run_dir(folder, action, log=print, lock=None):
     """Act on `run_dir_action`'s decision once every input has been checked: move an old run aside
-    ('replace'), make sure the folder is writable, and remove what a killed write left behind."""
+    ('replace'; `lock`, the folder's run_state.RunLock, then follows to the new folder), make sure
+    the folder is writable, and remove what a killed write left behind."""
     if action == 'replace':
-        move_aside(folder, log)
+        move_aside(folder, log, lock=lock)
     check_writable(folder)
     remove_stale_tmp(folder, log)
 
 
 def run_dir(s):
-    return os.path.join('saved_models', s['base_architecture'], s['experiment_run'])
+    """saved_models/<base_architecture>/<experiment_run>, the name checked to be one plain folder."""
+    return os.path.join('saved_models', s['base_architecture'], check_run_name(s['experiment_run'], 'experiment_run'))
 
 
 def versions():

@@ -2,7 +2,12 @@
 
 The lowest module of the project: every other one may raise UserError.
 """
+import errno
+import os
 import sys
+
+# the errors of a write that the disk, not the program, refuses: no space, a file-size limit, a quota
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class UserError(Exception):
@@ -18,6 +23,12 @@ def run_cli(main_fn, argv=None):
         sys.exit(2)
     except PermissionError as err:  # an output folder that is not writable, found late
         print('error: permission denied: %s' % (err.filename or err), file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a full disk met by a write that is not run.config.atomic_write (a figure, np.save)
+        if err.errno not in FULL_DISK:
+            raise
+        print('error: cannot write %s: %s' % (err.filename or 'a result file', os.strerror(err.errno).lower()),
+              file=sys.stderr)
         sys.exit(2)
 
 

@@ -4,12 +4,14 @@
 A rule is a function rule(name, value, s) that raises run.errors.UserError
 'setting NAME must be WHAT, got VALUE' when `value` is wrong; `s` is the whole settings dict. The
 rules are made by the helpers below: _int(lo, hi), _number(lo, hi, above) (above=True: > lo),
-_bool, _choice(...), _text(), _folder(), _list(item), _dict(keys, item), _shape, _epochs_before(name)
-(none=True also accepts None). They are checked in this table's order, so a rule may rely on the
+_bool, _choice(...), _text(), _folder(), _list(item), _dict(keys, item), _shape, _epochs_before(name),
+_increasing(item) (none=True also accepts None). A scalar rule also carries `expected` (its text)
+and `ok(value)`, from which run.config makes the command lines' flag types (the same ranges). They are checked in this table's order, so a rule may rely on the
 names above it (push_epochs on num_train_epochs).
 Cross-name checks (words per class, topk) follow in config.finish_settings.
 """
 import os
+import unicodedata
 
 from run.errors import UserError
 
@@ -32,6 +34,7 @@ def _scalar(expected, ok, none=False):
     def rule(name, value, s):
         if not ((none and value is None) or ok(value)):
             _bad(name, expected, value)
+    rule.expected, rule.ok = expected, (lambda v: (none and v is None) or ok(v))
     return rule
 
 
@@ -64,12 +67,21 @@ def _text(none=False):
     return _scalar('a non-empty string', lambda v: isinstance(v, str) and v != '', none)
 
 
+def plain_folder_name(v):
+    """True for one plain folder name: joined to saved_models/<arch>/, it stays inside that folder
+    (no path separator, not '.' or '..'), and it holds no control or line-breaking character (a
+    newline would split every log line that names the folder)."""
+    return (isinstance(v, str) and v not in ('', '.', '..') and not v[0].isspace() and v[0] != '-'
+            and not any(c in v for c in ('/', '\\', os.sep, os.altsep or '/'))
+            and not any(unicodedata.category(c) in ('Cc', 'Cf', 'Zl', 'Zp') for c in v))
+
+
+FOLDER_TEXT = ("a plain folder name (no '/' or control character, not '.' or '..', not empty or starting with "
+               "'-' or a space)")
+
+
 def _folder(none=False):
-    """A plain folder name: joined to saved_models/<arch>/, it must stay inside that folder."""
-    ok = lambda v: (isinstance(v, str) and v not in ('', '.', '..') and not v[0].isspace() and v[0] != '-'
-                    and not any(c in v for c in ('/', '\\', '\0', os.sep, os.altsep or '/')))
-    return _scalar("a plain folder name (no '/', not '.' or '..', not empty or starting with '-' or a space)",
-                   ok, none)
+    return _scalar(FOLDER_TEXT, plain_folder_name, none)
 
 
 def _list(item, none=False):
@@ -97,6 +109,18 @@ def _dict(keys, item):
     return rule
 
 
+def _increasing(item):
+    """A list whose entries pass `item` and increase strictly (no entry twice): a schedule's
+    milestones, where a repeat would apply the decay twice and an unsorted list reads as a mistake."""
+    entries = _list(item)
+
+    def rule(name, value, s):
+        entries(name, value, s)
+        if any(b <= a for a, b in zip(value, value[1:])):
+            _bad(name, 'a list in increasing order, each entry once', value)
+    return rule
+
+
 def _epochs_before(limit):  # None, or a list of epochs in [0, s[limit])
     def rule(name, value, s):
         epoch = _scalar('an epoch in [0, %d) as %s is %d' % (s[limit], limit, s[limit]),
@@ -115,7 +139,8 @@ _lr = _number(0, above=True)
 _decay = _number(0)
 _optimizer = _choice('adamw', 'sgd')
 _augment = _choice('none', 'flip', 'crop_flip')  # a peer's training images (train_peer.training_images)
-_milestones = _list(_int(0))
+_milestones = _increasing(_int(0))
+_method_epochs = _int(1)  # a peer trained for no epoch has no checkpoint (train_peer.py)
 _interpolation = _choice('bilinear', 'bicubic')
 _normalisation = _choice('max', 'minmax')
 _signs = ('+', '-')  # SCOUTER+ and SCOUTER- values
@@ -188,7 +213,7 @@ RULES = {
     'eval_map_normalisation': _normalisation,
     'push_save_images': _bool,
     # base model
-    'finetune_epochs': _int(0),
+    'finetune_epochs': _int(0),  # 0: the start weights saved as the base model, with their accuracy
     'finetune_lr': _lr,
     'finetune_batch_size': _int(1),
     'gradcam_target': _choice('pred', 'label'),
@@ -206,7 +231,7 @@ RULES = {
     'scouter_weight_decay': _decay,
     'scouter_milestones': _milestones,
     'scouter_gamma': _number(0, above=True),
-    'scouter_epochs': _int(0),
+    'scouter_epochs': _method_epochs,
     'scouter_batch_size': _int(1),
     'scouter_augment': _augment,
     'scouter_drop_last': _bool,
@@ -217,7 +242,7 @@ RULES = {
     'gc_weight_decay': _decay,
     'gc_milestones': _milestones,
     'gc_gamma': _number(0, above=True),
-    'gc_epochs': _int(0),
+    'gc_epochs': _method_epochs,
     'gc_batch_size': _int(1),
     'gc_augment': _augment,
     'gc_drop_last': _bool,
@@ -229,7 +254,7 @@ RULES = {
     'lfi_weight_decay': _decay,
     'lfi_milestones': _milestones,
     'lfi_gamma': _number(0, above=True),
-    'lfi_epochs': _int(0),
+    'lfi_epochs': _method_epochs,
     'lfi_batch_size': _int(1),
     'lfi_augment': _augment,
     'lfi_drop_last': _bool,

@@ -175,7 +175,7 @@ def test_make_optimizer_follows_the_recipe_settings(tiny_settings):
     assert lrs == pytest.approx([0.2, 0.1, 0.1, 0.05])
     opt, _ = common.make_optimizer(params, config.resolve_settings('pets'), 'lfi')
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]['momentum'] == 0.9
-    assert opt.param_groups[0]['lr'] == 0.1 and opt.param_groups[0]['weight_decay'] == 1e-4
+    assert opt.param_groups[0]['lr'] == 0.01 and opt.param_groups[0]['weight_decay'] == 1e-4
     with pytest.raises(config.UserError, match='gc_optimizer'):
         common.make_optimizer(params, dict(tiny_settings, gc_optimizer='lion'), 'gc')
 
@@ -200,5 +200,7 @@ def test_peer_settings_resolve_and_bare_run_names(tiny_toy):
     # the module-level recipes are the spec's; the toy preset only shortens them
     pets = config.resolve_settings('pets')
     assert (pets['scouter_lr'], pets['scouter_weight_decay'], pets['scouter_milestones']) == (1e-4, 0.01, [70, 140])
-    assert (pets['gc_lambda'], pets['lfi_conv1_stride'], pets['lfi_lr']) == (25.0, 1, 0.1)
+    assert (pets['gc_lambda'], pets['lfi_conv1_stride']) == (25.0, 1)
+    # LFI-CAM from a trained trunk: GC's fine-tuning schedule, not the from-scratch lr 0.1 over 300 epochs
+    assert (pets['lfi_lr'], pets['lfi_epochs'], pets['lfi_milestones'], pets['lfi_weight_decay']) == (0.01, 36, [24, 30], 1e-4)
     assert s['scouter_lr'] == pets['scouter_lr'] and s['gc_lambda'] == pets['gc_lambda']

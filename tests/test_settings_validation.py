@@ -47,6 +47,11 @@ MISTAKES = [  # (-set item, name the message must contain)
     ('push_epochs=[3, 7]', 'push_epochs[1]'),
     ('push_epochs=[-1]', 'push_epochs[0]'),
     ('gc_milestones=[3, 1.5]', 'gc_milestones[1]'),
+    ('gc_milestones=[30, 24]', 'gc_milestones'),
+    ('lfi_milestones=[4, 4]', 'lfi_milestones'),
+    ('gc_epochs=0', 'gc_epochs'),
+    ('scouter_epochs=0', 'scouter_epochs'),
+    ('lfi_epochs=0', 'lfi_epochs'),
     ('epsilon=0', 'epsilon'),
     ('img_size=16', 'img_size'),
     ('image_check="fast"', 'image_check'),
@@ -87,7 +92,7 @@ def test_mistakes_are_one_line_naming_the_setting(item, name):
 @pytest.mark.parametrize('items', [
     ['last_layer_optimizer_lr=1'], ['finetune_lr=1', 'gc_lr=1'], ['save_threshold=0.0'], ['save_threshold=1.0'],
     ['save_threshold=1'], ['save_threshold=-1.0'], ['keep_checkpoints=None'], ['num_warm_epochs=0', 'push_start=0'],
-    ['gc_epochs=0', 'scouter_epochs=0', 'lfi_epochs=0', 'finetune_epochs=0'], ['num_workers=0'],
+    ['gc_epochs=1', 'scouter_epochs=1', 'lfi_epochs=1', 'finetune_epochs=0'], ['num_workers=0'],
     ['push_epochs=None'], ['push_epochs=[]'], ['push_epochs=(0, 6)'], ['gc_milestones=()'],
     ["coefs={'crs_ent': 1, 'clst': 0, 'sep': -1, 'l1': 0.0}"], ['attention_weight=0'], ['weight_decay=0'],
     ['lfi_conv1_stride=1'], ['scouter_optimizer="sgd"', 'lfi_optimizer="adamw"'], ['peer_run=None'],
@@ -134,7 +139,7 @@ def test_module_level_and_preset_values_are_checked(monkeypatch):
 def test_messages():
     cases = {
         'num_train_epochs=1.5': 'setting num_train_epochs must be a whole number >= 1, got 1.5',
-        'experiment_run=..': "setting experiment_run must be a plain folder name (no '/', not '.' or '..', "
+        'experiment_run=..': "setting experiment_run must be a plain folder name (no '/' or control character, not '.' or '..', "
                              "not empty or starting with '-' or a space), got '..'",
         'coefs={}': "setting coefs must be a dict with exactly the keys 'crs_ent', 'clst', 'sep', 'l1' "
                     "(missing 'crs_ent', 'clst', 'sep', 'l1'), got {}",
