@@ -151,6 +151,8 @@ def main(argv=None):
                         help='instead: Animal-MNIST and an ImageNet MobileNetV2 (needs their packages; make demo-real)')
     parser.add_argument('--out', default=None, help='default saved_models/demo_results.json (--real: demo_real_results.json)')
     args = parser.parse_args(argv)
+    if args.out is not None:
+        config.check_output_file(args.out, '--out')  # before minutes of training, not after
     start = time.time()
     steps = {}
 

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+import bench
 import benchmark
+import demo
 import eval_iou
 import eval_metrics
 import finetune_backbone
@@ -374,6 +376,9 @@ def test_eval_iou_thr_outside_the_percentiles(capsys):
     (benchmark.main, ['-seeds', '0', '-1'], flag_error('-seeds', 'a whole number >= 0', '-1')),
     (receptive_field.main, ['-img_size', '8'], flag_error('-img_size', 'a whole number >= 32', '8')),
     (prepare_datasets.main, ['toy', '--src', '.', '--workers', '0'], flag_error('--workers', 'a whole number >= 1', '0')),
+    (bench.main, ['-batch', '0'], flag_error('-batch', 'a whole number >= 1', '0')),
+    (bench.main, ['-schedule', '-push_epochs', '3', '-2'], flag_error('-push_epochs', 'a whole number >= 1', '-2')),
+    (bench.main, ['-schedule', '-seed', '-1'], flag_error('-seed', 'a whole number >= 0', '-1')),
 ])
 def test_numeric_flags_of_the_scripts(capsys, main_fn, argv, tail):
     if main_fn is prepare_datasets.main:  # its names are the real datasets'
@@ -440,3 +445,11 @@ def test_check_output_file_accepts_a_new_file(tmp_path):
     assert os.path.isdir(tmp_path / 'a' / 'b') and os.listdir(tmp_path / 'a' / 'b') == []
     (tmp_path / 'old.pth').write_text('x')
     config.check_output_file(str(tmp_path / 'old.pth'))  # an existing file: the caller decides (-overwrite)
+
+
+def test_demo_out_naming_a_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo.make_toy, 'generate', lambda *a, **k: pytest.fail('worked before refusing'))
+    (tmp_path / 'results').mkdir()
+    assert error_line(capsys, demo.main, ['--out', 'results']) == 'error: --out results is a folder, not a file'
+    assert os.listdir(tmp_path) == ['results']
