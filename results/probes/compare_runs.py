@@ -1,7 +1,8 @@
 """Two work folders of tiny_pipeline.sh, old code against new: every checkpoint (each tensor and
 entry), the Grad-CAM arrays and sidecars, the IoU output and CSV, metrics.csv (without its time
 column), metrics.json (without timings and the command), every PNG and report.md (without its
-training time).
+training time). A checkpoint's stored settings may hold names the old code did not have (settings
+added since, each with a default): those are listed, not counted as differences.
 
     python results/probes/compare_runs.py OLD_WS NEW_WS     (exit status 1 when anything differs)
 """
@@ -26,6 +27,20 @@ def same_value(a, b):
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     return a == b
+
+
+ADDED_SETTINGS = {}  # setting name -> value, for the names only the new checkpoints store
+
+
+def same_checkpoint(a, b):
+    """Two checkpoints alike in every entry and tensor; of the stored settings, those the old one
+    holds must be equal, and the names only the new one holds go to ADDED_SETTINGS."""
+    old, new = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    old_settings, new_settings = old.pop('settings', None), new.pop('settings', None)
+    if isinstance(old_settings, dict) and isinstance(new_settings, dict):
+        added = {k: new_settings.pop(k) for k in set(new_settings) - set(old_settings)}
+        ADDED_SETTINGS.update(added)
+    return same_value(old, new) and same_value(old_settings, new_settings)
 
 
 def same_bytes(a, b):
@@ -54,7 +69,7 @@ def same_report(a, b):
 
 def compare(old, new):
     """[(relative path, 'identical' | 'DIFFERENT' | 'missing')] over everything the old folder holds."""
-    rules = [('**/*.pth', lambda a, b: same_value(torch.load(a, weights_only=True), torch.load(b, weights_only=True))),
+    rules = [('**/*.pth', same_checkpoint),
              ('data/*.npy', same_bytes), ('data/*.txt', same_bytes), ('eval_iou.out', same_bytes),
              ('saved_models/**/*_iou_thr*.csv', same_bytes), ('saved_models/**/metrics.csv', same_metrics_csv),
              ('metrics_out/metrics.json', same_metrics_json), ('**/*.png', same_bytes), ('**/report.md', same_report)]
@@ -81,6 +96,9 @@ def main(argv=None):
     print('compared: %s; different or missing: %d'
           % (', '.join('%d %s' % (len(v), k) for k, v in sorted(kinds.items())),
              sum(v != 'identical' for _, v in results)))
+    if ADDED_SETTINGS:
+        print('settings only the new checkpoints store (added since, with these defaults): %s'
+              % ', '.join('%s=%r' % kv for kv in sorted(ADDED_SETTINGS.items())))
     return 1 if any(v != 'identical' for _, v in results) else 0
 
 
